@@ -1,0 +1,504 @@
+//! The per-request decision: given the request and the compiled config, what
+//! to do next. Pure logic; the proxy-wasm glue only carries it out.
+//!
+//! A request ends in [`Decision::Allow`] or [`Decision::Deny`], possibly after
+//! one or two callouts to the key/credits service ([`Decision::Call`]), each
+//! resumed with [`resume`].
+
+use crate::bearer::{self, Credential, KeyCredential};
+use crate::credits_api::{self, CallOutcome, Debit, DebitRequest, KeyState, Lookup, LookupRequest, ServiceError};
+use crate::denial::{AuthFailure, Denial};
+use crate::identity::{AuthMethod, Identity};
+use crate::policy::{Config, Route, Unmatched};
+
+/// The name of the cookie Privy's HttpOnly-cookie mode uses.
+pub const PRIVY_COOKIE: &str = "privy-token";
+
+/// What the filter needs to know about a request.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// `:path`, with the query string.
+    pub path: &'a str,
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    /// Every `Authorization` header value, raw.
+    pub authorization: Vec<&'a [u8]>,
+    /// Every `Cookie` header value, raw.
+    pub cookies: Vec<&'a [u8]>,
+    /// `x-request-id` (Envoy sets one); the debit's idempotency key derives from it.
+    pub request_id: &'a str,
+    /// A `PAYMENT-SIGNATURE` or v1 `X-PAYMENT` header is present.
+    pub has_x402_payment: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Forward upstream with these identity headers.
+    Allow(Grant),
+    /// Answer the client locally.
+    Deny(Denial),
+    /// Ask the key/credits service, then `resume` with `then`.
+    Call(ServiceCall, Pending),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub identity: Identity,
+    /// The matched route's name (`None` for unmatched requests let through).
+    pub route: Option<String>,
+}
+
+/// One HTTP callout to the key/credits service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCall {
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// What the request is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    Lookup { route: usize, prefix: String, idempotency_key: String },
+    Debit { route: usize, identity: Identity, amount: u64 },
+}
+
+/// First decision, at request headers. `now` is the host clock in seconds.
+pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
+    let Some((idx, route)) = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.matches(req.method, crate::policy::path::strip_query(req.path)))
+    else {
+        return match cfg.unmatched {
+            Unmatched::Deny => Decision::Deny(Denial::RouteNotAllowed),
+            Unmatched::Allow => Decision::Allow(Grant { identity: Identity::anonymous(), route: None }),
+        };
+    };
+    if route.public {
+        return allow(route, Identity::anonymous());
+    }
+    let token = match bearer::bearer_token(&req.authorization, cfg.max_token_bytes) {
+        Ok(Some(t)) => Some(t),
+        Ok(None) => match privy_cookie(cfg, req) {
+            Ok(t) => t,
+            Err(d) => return Decision::Deny(d),
+        },
+        Err(e) => return unauthorized(AuthFailure::Header(e)),
+    };
+    let Some(token) = token else {
+        // No credential at all: the x402 fall-through.
+        return match &route.x402 {
+            Some(_) if req.has_x402_payment => allow(route, Identity::anonymous()),
+            Some(offer) => payment_required(offer, req),
+            None => unauthorized(AuthFailure::Missing),
+        };
+    };
+    let credential = match bearer::classify(token, &cfg.admin_digests) {
+        Ok(c) => c,
+        Err(e) => return unauthorized(AuthFailure::Format(e)),
+    };
+    let idem = idempotency_key(route, req.request_id);
+    match credential {
+        // Operator bypass: no scope check, no payment.
+        Credential::Admin => allow(route, Identity::admin()),
+        // An x402-only route (a top-up): the Bearer says who pays, but only an
+        // x402 payment pays. Without one, ask for it before any lookup.
+        _ if !route.credits && !req.has_x402_payment && route.x402.is_some() => match &route.x402 {
+            Some(offer) => payment_required(offer, req),
+            None => unauthorized(AuthFailure::Missing),
+        },
+        Credential::PrivyAccessToken(jwt) => {
+            let Some(privy) = &cfg.privy else {
+                return unauthorized(AuthFailure::PrivyNotConfigured);
+            };
+            match privy.verifier.verify(jwt, now) {
+                Ok(session) => {
+                    let identity = Identity {
+                        method: AuthMethod::Privy,
+                        account: Some(session.account),
+                        key_prefix: None,
+                        credits_remaining: None,
+                        charged: 0,
+                    };
+                    // Privy sessions skip scope checks but pay like everyone else.
+                    charge_or_allow(cfg, idx, route, identity, idem)
+                }
+                Err(e) => unauthorized(AuthFailure::Jwt(e)),
+            }
+        }
+        Credential::Key(key) => lookup(cfg, idx, &key, idem),
+    }
+}
+
+/// Continues a request after its callout answered (or failed).
+pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) -> Decision {
+    match pending {
+        Pending::Lookup { route: idx, prefix, idempotency_key } => {
+            let Some(route) = cfg.routes.get(idx) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            let rec = match credits_api::parse_lookup(outcome) {
+                Ok(Lookup::Found(rec)) => rec,
+                Ok(Lookup::NotFound) => return unauthorized(AuthFailure::UnknownKey),
+                Err(e) => return unavailable(e),
+            };
+            // The service answered for a different key: never trust that.
+            if rec.key_prefix != prefix {
+                return unavailable(ServiceError::Inconsistent);
+            }
+            match rec.state {
+                KeyState::Revoked => return unauthorized(AuthFailure::Revoked),
+                KeyState::Expired => return unauthorized(AuthFailure::Expired),
+                KeyState::Active => {}
+            }
+            // Belt and braces: an expiry the service reported but did not apply.
+            if rec.expires_at.is_some_and(|exp| exp <= now) {
+                return unauthorized(AuthFailure::Expired);
+            }
+            if let Some(scope) = &route.scope {
+                if !rec.scopes.iter().any(|s| s == scope) {
+                    return Decision::Deny(Denial::InsufficientScope { scope: scope.clone() });
+                }
+            }
+            let identity = Identity {
+                method: AuthMethod::ApiKey,
+                account: Some(rec.account),
+                key_prefix: Some(rec.key_prefix),
+                credits_remaining: Some(rec.balance),
+                charged: 0,
+            };
+            charge_or_allow(cfg, idx, route, identity, idempotency_key)
+        }
+        Pending::Debit { route: idx, mut identity, amount } => {
+            let Some(route) = cfg.routes.get(idx) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            let account = identity.account.clone().unwrap_or_default();
+            match credits_api::parse_debit(outcome, &account, amount) {
+                Ok(Debit::Charged { balance }) => {
+                    identity.credits_remaining = Some(balance);
+                    identity.charged = amount;
+                    allow(route, identity)
+                }
+                Ok(Debit::Insufficient { balance }) => {
+                    Decision::Deny(Denial::InsufficientCredits { credits: balance, required: amount })
+                }
+                Err(e) => unavailable(e),
+            }
+        }
+    }
+}
+
+/// The idempotency key of a request's debit: one debit per route per
+/// request id, so a retried callout is answered from the service's record.
+pub fn idempotency_key(route: &Route, request_id: &str) -> String {
+    format!("{}:{}", route.name, request_id)
+}
+
+fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, idempotency_key: String) -> Decision {
+    let hash = key.sha256_hex();
+    let body = serde_json::to_vec(&LookupRequest { key_sha256: &hash }).unwrap_or_default();
+    Decision::Call(
+        ServiceCall { path: cfg.service.lookup_path.clone(), body },
+        Pending::Lookup { route: idx, prefix: key.prefix.to_owned(), idempotency_key },
+    )
+}
+
+/// After authentication: debit the route's cost, or let a free route through.
+fn charge_or_allow(cfg: &Config, idx: usize, route: &Route, identity: Identity, idempotency_key: String) -> Decision {
+    if !(route.credits && route.cost > 0) {
+        return allow(route, identity);
+    }
+    let account = identity.account.clone().unwrap_or_default();
+    let body = serde_json::to_vec(&DebitRequest {
+        account: &account,
+        amount: route.cost,
+        idempotency_key: &idempotency_key,
+        route: &route.name,
+        key_prefix: identity.key_prefix.as_deref(),
+    })
+    .unwrap_or_default();
+    Decision::Call(
+        ServiceCall { path: cfg.service.debit_path.clone(), body },
+        Pending::Debit { route: idx, identity, amount: route.cost },
+    )
+}
+
+fn payment_required(offer: &crate::policy::X402Offer, req: &Request<'_>) -> Decision {
+    let path = crate::policy::path::strip_query(req.path);
+    Decision::Deny(Denial::PaymentRequired {
+        offer: offer.clone(),
+        resource_url: format!("{}://{}{}", req.scheme, req.authority, path),
+    })
+}
+
+fn privy_cookie<'a>(cfg: &Config, req: &Request<'a>) -> Result<Option<&'a str>, Denial> {
+    let Some(privy) = &cfg.privy else { return Ok(None) };
+    if !privy.accept_cookie {
+        return Ok(None);
+    }
+    let Some(raw) = bearer::cookie_value(&req.cookies, PRIVY_COOKIE) else { return Ok(None) };
+    // Same rules as a Bearer token: reuse the header parser on "Bearer <value>".
+    let Ok(value) = std::str::from_utf8(raw) else {
+        return Err(Denial::Unauthorized(AuthFailure::Header(bearer::BearerError::BadCharacters)));
+    };
+    if value.len() > cfg.max_token_bytes {
+        return Err(Denial::Unauthorized(AuthFailure::Header(bearer::BearerError::TooLong)));
+    }
+    if !value.starts_with("eyJ") || !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+        return Err(Denial::Unauthorized(AuthFailure::Format(bearer::ClassifyError::UnknownFormat)));
+    }
+    Ok(Some(value))
+}
+
+fn allow(route: &Route, identity: Identity) -> Decision {
+    Decision::Allow(Grant { identity, route: Some(route.name.clone()) })
+}
+
+fn unauthorized(why: AuthFailure) -> Decision {
+    Decision::Deny(Denial::Unauthorized(why))
+}
+
+fn unavailable(e: ServiceError) -> Decision {
+    Decision::Deny(Denial::CreditsUnavailable(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bearer::sha256_hex;
+    use crate::credits_api::ServiceError;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use p256::ecdsa::signature::Signer;
+    use p256::ecdsa::{Signature, SigningKey};
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+
+    const NOW: i64 = 1_800_000_000;
+    const ADMIN: &str = "operator-admin-key-for-tests";
+    // An API key in the shape the service mints: dial_live_ + 40 hex; prefix "abc12345".
+    const API_KEY: &str = "dial_live_abc12345deadbeefdeadbeefdeadbeef00000000";
+
+    fn signing_key() -> SigningKey {
+        SigningKey::from_slice(&[7u8; 32]).unwrap()
+    }
+
+    fn config() -> Config {
+        let pem = signing_key().verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let json = serde_json::json!({
+            "credits_service": {"cluster": "credits", "timeout_ms": 500},
+            "privy": {"app_id": "app-1", "verification_key": pem, "accept_cookie": true},
+            "routes": [
+                {"name": "sms", "methods": ["POST"], "path": {"exact": "/sms"}, "scope": "sms:send", "cost": 2,
+                 "payment": ["credits", "x402"],
+                 "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "1000", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
+                {"name": "account", "methods": ["GET"], "path": {"exact": "/account"}},
+                {"name": "topup", "path": {"exact": "/topup"}, "payment": ["x402"],
+                 "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "5", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
+                {"name": "health", "path": {"exact": "/healthz"}, "public": true}
+            ]
+        });
+        Config::from_json(json.to_string().as_bytes(), Some(ADMIN)).unwrap()
+    }
+
+    fn privy_token(exp: i64) -> String {
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT"}"#);
+        let c = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"sid":"s","iss":"privy.io","iat":{},"aud":"app-1","sub":"did:privy:u1","exp":{exp}}}"#,
+            NOW - 5
+        ));
+        let sig: Signature = signing_key().sign(format!("{h}.{c}").as_bytes());
+        format!("{h}.{c}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    fn request<'a>(method: &'a str, path: &'a str, auth: Option<&'a str>) -> Request<'a> {
+        Request {
+            method,
+            path,
+            scheme: "https",
+            authority: "api.test",
+            authorization: auth.map(|a| vec![a.as_bytes()]).unwrap_or_default(),
+            cookies: vec![],
+            request_id: "req-1",
+            has_x402_payment: false,
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> CallOutcome {
+        CallOutcome::Answered { status, body: body.as_bytes().to_vec(), truncated: false }
+    }
+
+    fn record(scopes: &str, state: &str, balance: i64) -> String {
+        format!(r#"{{"account":"did:privy:owner","key_prefix":"abc12345","kind":"api_key","scopes":{scopes},"state":"{state}","expires_at":null,"balance":{balance}}}"#)
+    }
+
+    fn denial(d: Decision) -> Denial {
+        match d {
+            Decision::Deny(d) => d,
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn public_and_unmatched() {
+        let c = config();
+        assert!(matches!(decide(&c, &request("GET", "/healthz", None), NOW), Decision::Allow(_)));
+        assert_eq!(denial(decide(&c, &request("GET", "/nope", None), NOW)), Denial::RouteNotAllowed);
+    }
+
+    #[test]
+    fn admin_bypasses_scope_and_payment() {
+        let c = config();
+        let auth = format!("Bearer {ADMIN}");
+        match decide(&c, &request("POST", "/sms", Some(&auth)), NOW) {
+            Decision::Allow(g) => {
+                assert_eq!(g.identity.method, AuthMethod::Admin);
+                assert_eq!(g.identity.charged, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn api_key_lookup_scope_then_debit() {
+        let c = config();
+        let auth = format!("Bearer {API_KEY}");
+        let req = request("POST", "/sms?x=1", Some(&auth));
+        let Decision::Call(call, pending) = decide(&c, &req, NOW) else { panic!() };
+        assert_eq!(call.path, "/v1/keys/lookup");
+        let body = String::from_utf8(call.body).unwrap();
+        // The key leaves the filter only as its SHA-256.
+        assert!(!body.contains(API_KEY) && !body.contains("abc12345dead"));
+        assert!(body.contains(&sha256_hex(API_KEY.as_bytes())));
+
+        let Decision::Call(debit, pending) =
+            resume(&c, pending, answer(200, &record(r#"["sms:send"]"#, "active", 10)), NOW)
+        else {
+            panic!()
+        };
+        assert_eq!(debit.path, "/v1/debit");
+        let body: serde_json::Value = serde_json::from_slice(&debit.body).unwrap();
+        assert_eq!(body["amount"], 2);
+        assert_eq!(body["account"], "did:privy:owner");
+        assert_eq!(body["idempotency_key"], "sms:req-1");
+        assert_eq!(body["key_prefix"], "abc12345");
+
+        let ok = r#"{"account":"did:privy:owner","charged":2,"balance":8,"replayed":false}"#;
+        match resume(&c, pending.clone(), answer(200, ok), NOW) {
+            Decision::Allow(g) => {
+                assert_eq!(g.identity.credits_remaining, Some(8));
+                assert_eq!(g.identity.charged, 2);
+                assert_eq!(g.identity.key_prefix.as_deref(), Some("abc12345"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let broke = r#"{"error":"insufficient_credits","balance":1,"required":2}"#;
+        assert_eq!(
+            denial(resume(&c, pending.clone(), answer(402, broke), NOW)),
+            Denial::InsufficientCredits { credits: 1, required: 2 }
+        );
+        for failure in [CallOutcome::Failed, answer(500, "oops"), answer(200, "garbage"), answer(503, "")] {
+            assert!(matches!(denial(resume(&c, pending.clone(), failure, NOW)), Denial::CreditsUnavailable(_)));
+        }
+    }
+
+    #[test]
+    fn api_key_refusals() {
+        let c = config();
+        let auth = format!("Bearer {API_KEY}");
+        let req = request("POST", "/sms", Some(&auth));
+        let Decision::Call(_, pending) = decide(&c, &req, NOW) else { panic!() };
+        let cases = [
+            (answer(404, r#"{"error":"key_not_found"}"#), Denial::Unauthorized(AuthFailure::UnknownKey)),
+            (answer(200, &record(r#"["sms:send"]"#, "revoked", 5)), Denial::Unauthorized(AuthFailure::Revoked)),
+            (answer(200, &record(r#"["sms:send"]"#, "expired", 5)), Denial::Unauthorized(AuthFailure::Expired)),
+            (answer(200, &record(r#"["contacts_read"]"#, "active", 5)), Denial::InsufficientScope { scope: "sms:send".into() }),
+            (answer(200, &record("[]", "active", 5).replace("abc12345", "zzz99999")), Denial::CreditsUnavailable(ServiceError::Inconsistent)),
+            (answer(200, &record(r#"["sms:send"]"#, "active", 5).replace("null", &(NOW - 1).to_string())), Denial::Unauthorized(AuthFailure::Expired)),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(denial(resume(&c, pending.clone(), outcome, NOW)), want);
+        }
+    }
+
+    #[test]
+    fn free_route_needs_no_debit() {
+        let c = config();
+        let auth = format!("Bearer {API_KEY}");
+        let Decision::Call(_, pending) = decide(&c, &request("GET", "/account", Some(&auth)), NOW) else { panic!() };
+        match resume(&c, pending, answer(200, &record("[]", "active", 42)), NOW) {
+            Decision::Allow(g) => assert_eq!((g.identity.charged, g.identity.credits_remaining), (0, Some(42))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn privy_session_skips_scope_but_pays() {
+        let c = config();
+        let auth = format!("Bearer {}", privy_token(NOW + 3600));
+        let Decision::Call(call, _) = decide(&c, &request("POST", "/sms", Some(&auth)), NOW) else { panic!() };
+        assert_eq!(call.path, "/v1/debit");
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(body["account"], "did:privy:u1");
+        // Free route: no callout at all.
+        match decide(&c, &request("GET", "/account", Some(&auth)), NOW) {
+            Decision::Allow(g) => assert_eq!(g.identity.method, AuthMethod::Privy),
+            other => panic!("{other:?}"),
+        }
+        let expired = format!("Bearer {}", privy_token(NOW - 3600));
+        assert_eq!(
+            denial(decide(&c, &request("GET", "/account", Some(&expired)), NOW)),
+            Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Expired))
+        );
+    }
+
+    #[test]
+    fn privy_cookie_when_allowed() {
+        let c = config();
+        let cookie = format!("theme=dark; privy-token={}", privy_token(NOW + 60));
+        let mut req = request("GET", "/account", None);
+        req.cookies = vec![cookie.as_bytes()];
+        assert!(matches!(decide(&c, &req, NOW), Decision::Allow(_)));
+        let bad = "privy-token=not-a-jwt";
+        req.cookies = vec![bad.as_bytes()];
+        assert!(matches!(denial(decide(&c, &req, NOW)), Denial::Unauthorized(_)));
+    }
+
+    #[test]
+    fn x402_fall_through() {
+        let c = config();
+        // No Bearer, x402 route, no payment: 402 with requirements.
+        match denial(decide(&c, &request("POST", "/sms?a=b", None), NOW)) {
+            Denial::PaymentRequired { resource_url, .. } => assert_eq!(resource_url, "https://api.test/sms"),
+            other => panic!("{other:?}"),
+        }
+        // With a payment header: straight through, unchanged.
+        let mut paid = request("POST", "/sms", None);
+        paid.has_x402_payment = true;
+        assert!(matches!(decide(&c, &paid, NOW), Decision::Allow(_)));
+        // A route without x402: 401.
+        assert_eq!(denial(decide(&c, &request("GET", "/account", None), NOW)), Denial::Unauthorized(AuthFailure::Missing));
+        // x402-only route with a Bearer but no payment: 402 before any lookup.
+        let auth = format!("Bearer {API_KEY}");
+        assert!(matches!(denial(decide(&c, &request("POST", "/topup", Some(&auth)), NOW)), Denial::PaymentRequired { .. }));
+        let mut topup = request("POST", "/topup", Some(&auth));
+        topup.has_x402_payment = true;
+        let Decision::Call(call, pending) = decide(&c, &topup, NOW) else { panic!() };
+        assert_eq!(call.path, "/v1/keys/lookup");
+        // Identified, not charged in credits.
+        assert!(matches!(resume(&c, pending, answer(200, &record("[]", "active", 0)), NOW), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn malformed_credentials_are_401() {
+        let c = config();
+        for auth in ["Basic abc", "Bearer", "Bearer a b", "Bearer dial_live_x", "Bearer nonsense"] {
+            assert!(matches!(denial(decide(&c, &request("POST", "/sms", Some(auth)), NOW)), Denial::Unauthorized(_)), "{auth}");
+        }
+        let mut two = request("POST", "/sms", None);
+        two.authorization = vec![b"Bearer a", b"Bearer b"];
+        assert!(matches!(denial(decide(&c, &two, NOW)), Denial::Unauthorized(AuthFailure::Header(_))));
+    }
+}

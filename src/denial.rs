@@ -1,0 +1,233 @@
+//! Every refusal the filter writes itself, and the one function that turns a
+//! refusal into status + JSON body + headers.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::bearer::{BearerError, ClassifyError};
+use crate::credits_api::ServiceError;
+use crate::policy::X402Offer;
+use crate::privy_jwt::JwtError;
+
+pub const REALM: &str = "dialtone";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denial {
+    /// 401 `unauthorized`.
+    Unauthorized(AuthFailure),
+    /// 403 `insufficient_scope`.
+    InsufficientScope { scope: String },
+    /// 402 `insufficient_credits`, the seed's exact body.
+    InsufficientCredits { credits: i64, required: u64 },
+    /// 402 `payment_required` with the route's x402 requirements.
+    PaymentRequired { offer: X402Offer, resource_url: String },
+    /// 403 `route_not_allowed`: no policy route matched and `unmatched` is deny.
+    RouteNotAllowed,
+    /// 503 `credits_unavailable`: fail closed.
+    CreditsUnavailable(ServiceError),
+}
+
+/// Why a credential was refused (the 401 cases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Header(BearerError),
+    Format(ClassifyError),
+    Jwt(JwtError),
+    PrivyNotConfigured,
+    UnknownKey,
+    Revoked,
+    Expired,
+}
+
+impl AuthFailure {
+    pub fn describe(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing credentials",
+            AuthFailure::Header(e) => e.describe(),
+            AuthFailure::Format(e) => e.describe(),
+            AuthFailure::Jwt(e) => e.reason(),
+            AuthFailure::PrivyNotConfigured => "Privy access tokens are not accepted here",
+            AuthFailure::UnknownKey => "unknown API key",
+            AuthFailure::Revoked => "API key revoked",
+            AuthFailure::Expired => "API key expired",
+        }
+    }
+
+    /// RFC 6750 §3.1 error code (none when no credentials were sent).
+    fn rfc6750_error(self) -> Option<&'static str> {
+        match self {
+            AuthFailure::Missing => None,
+            AuthFailure::Header(_) => Some("invalid_request"),
+            _ => Some("invalid_token"),
+        }
+    }
+
+    /// A short machine-readable reason for logs and metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Header(_) => "malformed_header",
+            AuthFailure::Format(_) => "unknown_format",
+            AuthFailure::Jwt(JwtError::Expired) => "token_expired",
+            AuthFailure::Jwt(_) => "invalid_token",
+            AuthFailure::PrivyNotConfigured => "privy_not_configured",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::Expired => "expired",
+        }
+    }
+}
+
+/// A local reply, ready for `send_http_response`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn body_json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+impl Denial {
+    /// The stable `error` code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::Unauthorized(_) => "unauthorized",
+            Denial::InsufficientScope { .. } => "insufficient_scope",
+            Denial::InsufficientCredits { .. } => "insufficient_credits",
+            Denial::PaymentRequired { .. } => "payment_required",
+            Denial::RouteNotAllowed => "route_not_allowed",
+            Denial::CreditsUnavailable(_) => "credits_unavailable",
+        }
+    }
+
+    pub fn reply(&self) -> Reply {
+        let code = self.code();
+        let mut headers: Vec<(&'static str, String)> = vec![("content-type", "application/json".into())];
+        let (status, body) = match self {
+            Denial::Unauthorized(why) => {
+                let mut www = format!("Bearer realm=\"{REALM}\"");
+                if let Some(e) = why.rfc6750_error() {
+                    www.push_str(&format!(", error=\"{e}\", error_description=\"{}\"", why.describe()));
+                }
+                headers.push(("www-authenticate", www));
+                (401, json!({"success": false, "error": code, "message": why.describe()}))
+            }
+            Denial::InsufficientScope { scope } => {
+                headers.push((
+                    "www-authenticate",
+                    format!("Bearer realm=\"{REALM}\", error=\"insufficient_scope\", scope=\"{scope}\""),
+                ));
+                (403, json!({"success": false, "error": code, "required_scope": scope}))
+            }
+            // serde_json is built with preserve_order: the body reads exactly
+            // as the seed shows it.
+            Denial::InsufficientCredits { credits, required } => (
+                402,
+                json!({"success": false, "error": code, "credits": credits, "required": required}),
+            ),
+            Denial::PaymentRequired { offer, resource_url } => {
+                let resource = json!({
+                    "url": resource_url,
+                    "description": offer.description,
+                    "mimeType": offer.mime_type,
+                });
+                let accepts = serde_json::to_value(&offer.accepts).unwrap_or(Value::Array(vec![]));
+                let required = json!({
+                    "x402Version": 2,
+                    "error": "PAYMENT-SIGNATURE header is required",
+                    "resource": resource,
+                    "accepts": accepts,
+                });
+                headers.push(("payment-required", STANDARD.encode(required.to_string())));
+                (402, json!({
+                    "success": false,
+                    "error": code,
+                    "x402Version": 2,
+                    "resource": resource,
+                    "accepts": accepts,
+                }))
+            }
+            Denial::RouteNotAllowed => (403, json!({"success": false, "error": code})),
+            Denial::CreditsUnavailable(_) => (503, json!({"success": false, "error": code})),
+        };
+        Reply { status, headers, body: body.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+        r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn insufficient_credits_is_the_seed_body_byte_for_byte() {
+        let r = Denial::InsufficientCredits { credits: 0, required: 1 }.reply();
+        assert_eq!(r.status, 402);
+        assert_eq!(r.body, r#"{"success":false,"error":"insufficient_credits","credits":0,"required":1}"#);
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+    }
+
+    #[test]
+    fn unauthorized_has_rfc6750_challenge() {
+        let r = Denial::Unauthorized(AuthFailure::Missing).reply();
+        assert_eq!(r.status, 401);
+        assert_eq!(header(&r, "www-authenticate"), Some("Bearer realm=\"dialtone\""));
+        assert_eq!(r.body_json()["error"], "unauthorized");
+        assert_eq!(r.body_json()["success"], false);
+        let r = Denial::Unauthorized(AuthFailure::Jwt(JwtError::Expired)).reply();
+        assert_eq!(
+            header(&r, "www-authenticate"),
+            Some("Bearer realm=\"dialtone\", error=\"invalid_token\", error_description=\"token expired\"")
+        );
+        let r = Denial::Unauthorized(AuthFailure::Header(BearerError::NotBearer)).reply();
+        assert!(header(&r, "www-authenticate").unwrap().contains("error=\"invalid_request\""));
+    }
+
+    #[test]
+    fn scope_and_unavailable() {
+        let r = Denial::InsufficientScope { scope: "sms:send".into() }.reply();
+        assert_eq!(r.status, 403);
+        assert_eq!(r.body_json()["required_scope"], "sms:send");
+        assert!(header(&r, "www-authenticate").unwrap().contains("insufficient_scope"));
+        let r = Denial::CreditsUnavailable(ServiceError::Unavailable).reply();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body, r#"{"success":false,"error":"credits_unavailable"}"#);
+    }
+
+    #[test]
+    fn payment_required_carries_x402_v2() {
+        let offer = X402Offer {
+            description: "one SMS".into(),
+            mime_type: "application/json".into(),
+            accepts: vec![crate::policy::X402Accept {
+                scheme: "exact".into(),
+                network: "eip155:8453".into(),
+                amount: "10000".into(),
+                asset: "0xA".into(),
+                pay_to: "0xB".into(),
+                max_timeout_seconds: 60,
+                extra: None,
+            }],
+        };
+        let r = Denial::PaymentRequired { offer, resource_url: "http://h/p".into() }.reply();
+        assert_eq!(r.status, 402);
+        let b = r.body_json();
+        assert_eq!(b["error"], "payment_required");
+        assert_eq!(b["accepts"][0]["payTo"], "0xB");
+        assert_eq!(b["accepts"][0]["maxTimeoutSeconds"], 60);
+        let decoded: Value = serde_json::from_slice(&STANDARD.decode(header(&r, "payment-required").unwrap()).unwrap()).unwrap();
+        assert_eq!(decoded["x402Version"], 2);
+        assert_eq!(decoded["resource"]["url"], "http://h/p");
+        assert_eq!(decoded["accepts"], b["accepts"]);
+    }
+}

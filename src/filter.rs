@@ -1,0 +1,239 @@
+//! The proxy-wasm glue: host events in, [`decision`] calls, host actions out.
+//! No policy lives here. Compiled only for wasm32.
+
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use crate::credits_api::{CallOutcome, ServiceError};
+use crate::decision::{self, Decision, Pending, Request};
+use crate::denial::Denial;
+use crate::identity;
+use crate::policy::Config;
+
+/// The VM environment variable holding the operator admin key
+/// (Envoy: `vm_config.environment_variables`).
+const ADMIN_KEY_ENV: &str = "DIAL_ADMIN_API_KEY";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+}}
+
+struct Root {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let Some(bytes) = self.get_plugin_configuration() else {
+            log::error!("dialtone: no plugin configuration: refusing to start");
+            return false;
+        };
+        let env_key = std::env::var(ADMIN_KEY_ENV).ok();
+        match Config::from_json(&bytes, env_key.as_deref()) {
+            Ok(cfg) => {
+                log::info!(
+                    "dialtone: configured {} routes, privy={}, admin_keys={}, credits cluster {:?}",
+                    cfg.routes.len(),
+                    cfg.privy.is_some(),
+                    cfg.admin_digests.len(),
+                    cfg.service.cluster
+                );
+                self.config = Some(Rc::new(cfg));
+                true
+            }
+            Err(e) => {
+                log::error!("dialtone: invalid plugin configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Without a valid config Envoy does not create contexts; if it ever
+        // does, fail closed rather than pass traffic unchecked.
+        Some(Box::new(Gate { context_id, config: self.config.clone(), pending: None, call_token: None }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Gate {
+    context_id: u32,
+    config: Option<Rc<Config>>,
+    pending: Option<Pending>,
+    call_token: Option<u32>,
+}
+
+fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Gate {
+    fn now(&self) -> i64 {
+        self.get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    /// Carries out a decision. Returns the action for the current host callback.
+    fn apply(&mut self, cfg: &Config, decision: Decision) -> Action {
+        match decision {
+            Decision::Allow(grant) => {
+                if !cfg.forward_authorization && grant.identity.method != identity::AuthMethod::Anonymous {
+                    self.set_http_request_header("authorization", None);
+                }
+                for (name, value) in grant.identity.headers(grant.route.as_deref()) {
+                    self.set_http_request_header(name, Some(&value));
+                }
+                log::debug!(
+                    "dialtone: allow route={} method={} prefix={} charged={}",
+                    grant.route.as_deref().unwrap_or("-"),
+                    grant.identity.method.as_str(),
+                    grant.identity.key_prefix.as_deref().unwrap_or("-"),
+                    grant.identity.charged
+                );
+                Action::Continue
+            }
+            Decision::Deny(denial) => {
+                self.deny(&denial);
+                Action::Pause
+            }
+            Decision::Call(call, pending) => {
+                let request_id = self
+                    .get_http_request_header_bytes("x-request-id")
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .unwrap_or_default();
+                let headers = vec![
+                    (":method", "POST"),
+                    (":path", call.path.as_str()),
+                    (":authority", cfg.service.authority.as_str()),
+                    ("content-type", "application/json"),
+                    ("x-request-id", request_id.as_str()),
+                ];
+                match self.dispatch_http_call(
+                    &cfg.service.cluster,
+                    headers,
+                    Some(&call.body),
+                    vec![],
+                    Duration::from_millis(cfg.service.timeout_ms),
+                ) {
+                    Ok(token) => {
+                        self.pending = Some(pending);
+                        self.call_token = Some(token);
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        log::error!(
+                            "dialtone: cannot call cluster {:?}: {status:?}",
+                            cfg.service.cluster
+                        );
+                        self.deny(&Denial::CreditsUnavailable(ServiceError::DispatchFailed));
+                        Action::Pause
+                    }
+                }
+            }
+        }
+    }
+
+    fn deny(&self, denial: &Denial) {
+        let reply = denial.reply();
+        match denial {
+            Denial::CreditsUnavailable(e) => {
+                log::warn!("dialtone: credits service unusable ({}): 503", e.reason());
+            }
+            Denial::Unauthorized(why) => log::info!("dialtone: 401 {}", why.reason()),
+            other => log::info!("dialtone: {} {}", reply.status, other.code()),
+        }
+        let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    }
+}
+
+impl Context for Gate {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let (Some(cfg), Some(pending)) = (self.config.clone(), self.pending.take()) else {
+            return;
+        };
+        if self.call_token != Some(token_id) {
+            log::warn!("dialtone: unexpected callout answer {token_id}");
+            self.deny(&Denial::CreditsUnavailable(ServiceError::Inconsistent));
+            return;
+        }
+        self.call_token = None;
+        // A failed callout arrives with no headers (Envoy) or as a local
+        // 503/504 from Envoy itself: both are "service unavailable".
+        let status = self
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()));
+        let outcome = match status {
+            Some(status) if num_headers > 0 => {
+                let cap = cfg.service.max_response_bytes;
+                let body = if body_size == 0 {
+                    Vec::new()
+                } else {
+                    self.get_http_call_response_body(0, body_size.min(cap)).unwrap_or_default()
+                };
+                CallOutcome::Answered { status, body, truncated: body_size > cap }
+            }
+            _ => CallOutcome::Failed,
+        };
+        let decision = decision::resume(&cfg, pending, outcome, self.now());
+        if let Action::Continue = self.apply(&cfg, decision) {
+            self.resume_http_request();
+        }
+    }
+}
+
+impl HttpContext for Gate {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(cfg) = self.config.clone() else {
+            self.deny(&Denial::CreditsUnavailable(ServiceError::DispatchFailed));
+            return Action::Pause;
+        };
+        let headers = self.get_http_request_headers_bytes();
+        // Strip every client-sent identity header before anything else, so
+        // none survives on any path (public routes and x402 included).
+        for (name, _) in headers.iter().filter(|(n, _)| identity::is_identity_header(n)) {
+            self.set_http_request_header(name, None);
+        }
+        let values = |name: &str| -> Vec<&[u8]> {
+            headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect()
+        };
+        let method = header_str(&headers, ":method");
+        let path = header_str(&headers, ":path");
+        let scheme = header_str(&headers, ":scheme");
+        let authority = header_str(&headers, ":authority");
+        let mut request_id = header_str(&headers, "x-request-id");
+        if request_id.is_empty() {
+            // Envoy always sets one unless told not to; without it, make one
+            // that is unique per request on this VM.
+            request_id = format!("dialtone-{}-{}", self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0), self.context_id);
+        }
+        let req = Request {
+            method: &method,
+            path: &path,
+            scheme: if scheme.is_empty() { "http" } else { &scheme },
+            authority: &authority,
+            authorization: values("authorization"),
+            cookies: values("cookie"),
+            request_id: &request_id,
+            has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
+        };
+        let decision = decision::decide(&cfg, &req, self.now());
+        self.apply(&cfg, decision)
+    }
+}

@@ -1,0 +1,17 @@
+//! dialtone: a credits-and-scopes gate for HTTP APIs, as a proxy-wasm filter.
+//!
+//! Everything except [`filter`] is plain Rust that never touches proxy-wasm,
+//! so it unit-tests natively with `cargo test`. `filter` is the thin glue
+//! that turns Envoy's host events into calls to [`decision`] and carries out
+//! what it returns.
+
+pub mod bearer;
+pub mod credits_api;
+pub mod decision;
+pub mod denial;
+pub mod identity;
+pub mod policy;
+pub mod privy_jwt;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

@@ -1,0 +1,409 @@
+//! The plugin configuration: parsed from JSON, validated and compiled once
+//! (in `on_configure`), then only read on the request path.
+
+pub mod path;
+pub mod raw;
+
+use std::fmt;
+
+use crate::bearer::{self, DEFAULT_MAX_TOKEN_BYTES};
+use crate::privy_jwt::{self, EsKey, PrivyVerifier};
+use path::PathMatcher;
+pub use raw::{PaymentMode, RawConfig, Unmatched, X402Accept};
+use sha2::{Digest, Sha256};
+
+/// Admin keys shorter than this are refused: the key bypasses every check.
+pub const MIN_ADMIN_KEY_LEN: usize = 16;
+
+#[derive(Debug)]
+pub struct Config {
+    pub service: ServiceConfig,
+    /// SHA-256 digests of the admin key(s); the plaintext is never kept.
+    pub admin_digests: Vec<[u8; 32]>,
+    pub privy: Option<PrivyConfig>,
+    pub unmatched: Unmatched,
+    pub forward_authorization: bool,
+    pub max_token_bytes: usize,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    pub lookup_path: String,
+    pub debit_path: String,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct PrivyConfig {
+    pub verifier: PrivyVerifier,
+    pub accept_cookie: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// `None` = any method.
+    pub methods: Option<Vec<String>>,
+    pub path: PathMatcher,
+    pub scope: Option<String>,
+    pub cost: u64,
+    pub public: bool,
+    /// Bearer credentials may pay (debit credits).
+    pub credits: bool,
+    /// x402 payment accepted; the offer is what the 402 announces.
+    pub x402: Option<X402Offer>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct X402Offer {
+    pub description: String,
+    pub mime_type: String,
+    pub accepts: Vec<X402Accept>,
+}
+
+impl Route {
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        let method_ok = match &self.methods {
+            None => true,
+            Some(ms) => ms.iter().any(|m| m == method),
+        };
+        method_ok && self.path.matches(path)
+    }
+}
+
+impl Config {
+    /// The first route (in config order) that matches.
+    pub fn route_for(&self, method: &str, path_and_query: &str) -> Option<&Route> {
+        let path = path::strip_query(path_and_query);
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
+    /// Parses and validates the plugin configuration. `env_admin_key` is the
+    /// value of `DIAL_ADMIN_API_KEY` in the VM environment, if set.
+    pub fn from_json(bytes: &[u8], env_admin_key: Option<&str>) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                format!("$ (line {}, column {})", e.line(), e.column()),
+                e.to_string(),
+            )])
+        })?;
+        compile(raw, env_admin_key)
+    }
+}
+
+/// One problem in the configuration, with the JSON path where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+/// Every problem found, so an operator fixes them in one pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Scopes as API owners write them: `sms:send`, `contacts_read`.
+pub fn is_scope(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'-'))
+}
+
+fn is_method(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, ConfigErrors> {
+    let mut errs: Vec<ConfigError> = Vec::new();
+    let mut err = |path: String, msg: String| errs.push(ConfigError::new(path, msg));
+
+    // Credits service.
+    let s = &raw.credits_service;
+    if s.cluster.trim().is_empty() {
+        err("$.credits_service.cluster".into(), "must name the Envoy cluster of the key/credits service".into());
+    }
+    // Envoy treats a 0 ms callout timeout as "no timeout": never allow it.
+    if !(1..=60_000).contains(&s.timeout_ms) {
+        err("$.credits_service.timeout_ms".into(), "must be between 1 and 60000 (0 would mean no timeout)".into());
+    }
+    for (field, p) in [("lookup_path", &s.lookup_path), ("debit_path", &s.debit_path)] {
+        if !p.starts_with('/') {
+            err(format!("$.credits_service.{field}"), "must start with '/'".into());
+        }
+    }
+    if !(1024..=1024 * 1024).contains(&s.max_response_bytes) {
+        err("$.credits_service.max_response_bytes".into(), "must be between 1024 and 1048576".into());
+    }
+    let service = ServiceConfig {
+        cluster: s.cluster.clone(),
+        authority: s.authority.clone().unwrap_or_else(|| s.cluster.clone()),
+        timeout_ms: s.timeout_ms,
+        lookup_path: s.lookup_path.clone(),
+        debit_path: s.debit_path.clone(),
+        max_response_bytes: s.max_response_bytes,
+    };
+
+    // Admin key(s).
+    let mut admin_digests = Vec::new();
+    if let Some(hex) = &raw.admin_key_sha256 {
+        match bearer::parse_sha256_hex(hex) {
+            Some(d) => admin_digests.push(d),
+            None => err("$.admin_key_sha256".into(), "must be 64 hex digits (SHA-256 of the admin key)".into()),
+        }
+    }
+    if let Some(key) = env_admin_key.filter(|k| !k.is_empty()) {
+        if key.len() < MIN_ADMIN_KEY_LEN {
+            err("env DIAL_ADMIN_API_KEY".into(), format!("the admin key must be at least {MIN_ADMIN_KEY_LEN} characters"));
+        } else {
+            admin_digests.push(Sha256::digest(key.as_bytes()).into());
+        }
+    }
+
+    // Privy.
+    let privy = raw.privy.as_ref().and_then(|p| {
+        let mut keys: Vec<EsKey> = Vec::new();
+        if p.app_id.trim().is_empty() {
+            err("$.privy.app_id".into(), "must be the Privy app id (the token audience)".into());
+        }
+        if p.issuer.is_empty() {
+            err("$.privy.issuer".into(), "must not be empty".into());
+        }
+        if !(0..=600).contains(&p.leeway_seconds) {
+            err("$.privy.leeway_seconds".into(), "must be between 0 and 600".into());
+        }
+        if let Some(pem) = &p.verification_key {
+            match privy_jwt::key_from_pem(pem) {
+                Ok(k) => keys.push(k),
+                Err(e) => err("$.privy.verification_key".into(), e.to_string()),
+            }
+        }
+        if let Some(jwks) = &p.jwks {
+            match privy_jwt::keys_from_jwks(jwks) {
+                Ok(ks) => keys.extend(ks),
+                Err(e) => err("$.privy.jwks".into(), e.to_string()),
+            }
+        }
+        if p.verification_key.is_none() && p.jwks.is_none() {
+            err("$.privy".into(), "needs a verification_key (PEM) or a jwks document".into());
+        }
+        (!keys.is_empty()).then(|| PrivyConfig {
+            verifier: PrivyVerifier {
+                keys,
+                issuer: p.issuer.clone(),
+                app_id: p.app_id.clone(),
+                leeway_secs: p.leeway_seconds,
+            },
+            accept_cookie: p.accept_cookie,
+        })
+    });
+
+    let max_token_bytes = raw.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+    if !(256..=16 * 1024).contains(&max_token_bytes) {
+        err("$.max_token_bytes".into(), "must be between 256 and 16384".into());
+    }
+
+    // Routes.
+    if raw.routes.is_empty() {
+        err("$.routes".into(), "needs at least one route".into());
+    }
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.iter().enumerate() {
+        let at = |field: &str| format!("$.routes[{i}].{field}");
+        if !is_name(&r.name) {
+            err(at("name"), "must be 1-64 characters of a-z, 0-9, '_', '-', '.'".into());
+        } else if raw.routes.iter().take(i).any(|o| o.name == r.name) {
+            err(at("name"), format!("duplicate route name {:?}", r.name));
+        }
+        if let Some(ms) = &r.methods {
+            if ms.is_empty() {
+                err(at("methods"), "must list at least one method (omit it for any method)".into());
+            }
+            for (j, m) in ms.iter().enumerate() {
+                if !is_method(m) {
+                    err(format!("$.routes[{i}].methods[{j}]"), format!("{m:?} is not an upper-case HTTP method"));
+                }
+            }
+        }
+        let path = match &r.path {
+            raw::RawPath::Exact(p) => PathMatcher::exact(p).map_err(|e| (at("path.exact"), e)),
+            raw::RawPath::Prefix(p) => PathMatcher::prefix(p).map_err(|e| (at("path.prefix"), e)),
+            raw::RawPath::Template(p) => PathMatcher::template(p).map_err(|e| (at("path.template"), e)),
+        };
+        let path = match path {
+            Ok(p) => Some(p),
+            Err((where_, e)) => {
+                err(where_, e.to_string());
+                None
+            }
+        };
+        if let Some(scope) = &r.scope {
+            if !is_scope(scope) {
+                err(at("scope"), "must be 1-128 characters of letters, digits, ':', '_', '.', '-'".into());
+            }
+        }
+        let modes = r.payment.clone().unwrap_or_else(|| vec![PaymentMode::Credits]);
+        let credits = modes.contains(&PaymentMode::Credits);
+        let takes_x402 = modes.contains(&PaymentMode::X402);
+        if r.public {
+            if r.scope.is_some() || r.cost > 0 || r.payment.is_some() || r.x402.is_some() {
+                err(at("public"), "a public route takes no scope, cost, payment or x402".into());
+            }
+        } else {
+            if modes.is_empty() {
+                err(at("payment"), "must list at least one of \"credits\", \"x402\"".into());
+            }
+            if r.cost > 0 && !credits {
+                err(at("cost"), "a cost in credits needs \"credits\" in payment".into());
+            }
+            if credits && r.cost > 0 && r.scope.is_none() {
+                err(at("scope"), "a route that charges credits must name the scope API keys need (any key could spend otherwise)".into());
+            }
+            match (&r.x402, takes_x402) {
+                (None, true) => err(at("x402"), "payment includes \"x402\": describe the payment requirements here".into()),
+                (Some(_), false) => err(at("x402"), "x402 requirements given but payment does not include \"x402\"".into()),
+                (Some(x), true) if x.accepts.is_empty() => err(at("x402.accepts"), "needs at least one payment option".into()),
+                _ => {}
+            }
+        }
+        let x402 = r.x402.as_ref().filter(|_| takes_x402 && !r.public).map(|x| X402Offer {
+            description: x.description.clone().unwrap_or_default(),
+            mime_type: x.mime_type.clone().unwrap_or_else(|| "application/json".into()),
+            accepts: x.accepts.clone(),
+        });
+        if let Some(path) = path {
+            routes.push(Route {
+                name: r.name.clone(),
+                methods: r.methods.clone(),
+                path,
+                scope: r.scope.clone(),
+                cost: r.cost,
+                public: r.public,
+                credits: credits && !r.public,
+                x402,
+            });
+        }
+    }
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        service,
+        admin_digests,
+        privy,
+        unmatched: raw.unmatched,
+        forward_authorization: raw.forward_authorization,
+        max_token_bytes,
+        routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal(routes: &str) -> String {
+        format!(r#"{{"credits_service":{{"cluster":"credits"}},"routes":{routes}}}"#)
+    }
+
+    fn errors(json: &str) -> Vec<ConfigError> {
+        Config::from_json(json.as_bytes(), None).unwrap_err().0
+    }
+
+    #[test]
+    fn loads_a_minimal_config() {
+        let c = Config::from_json(minimal(r#"[{"name":"h","path":{"exact":"/healthz"},"public":true}]"#).as_bytes(), None).unwrap();
+        assert_eq!(c.service.authority, "credits");
+        assert_eq!(c.service.timeout_ms, 1000);
+        assert_eq!(c.max_token_bytes, DEFAULT_MAX_TOKEN_BYTES);
+        assert_eq!(c.unmatched, Unmatched::Deny);
+        assert!(c.route_for("GET", "/healthz?x=1").is_some());
+        assert!(c.route_for("GET", "/healthzz").is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let e = errors(r#"{"credits_service":{"cluster":"c","timeout":5},"routes":[]}"#);
+        assert!(e[0].message.contains("unknown field `timeout`"), "{e:?}");
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let e = errors(&minimal(
+            r#"[{"name":"a","path":{"template":"/k/{id"},"cost":1},
+                {"name":"a","path":{"exact":"x"},"methods":["get"]},
+                {"name":"p","path":{"exact":"/p"},"public":true,"cost":2},
+                {"name":"x","path":{"exact":"/x"},"payment":["x402"]}]"#,
+        ));
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"$.routes[0].path.template"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[0].scope"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[1].name"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[1].methods[0]"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[1].path.exact"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[2].public"), "{paths:?}");
+        assert!(paths.contains(&"$.routes[3].x402"), "{paths:?}");
+    }
+
+    #[test]
+    fn zero_timeout_is_refused() {
+        let e = errors(r#"{"credits_service":{"cluster":"c","timeout_ms":0},"routes":[{"name":"h","path":{"exact":"/"},"public":true}]}"#);
+        assert_eq!(e[0].path, "$.credits_service.timeout_ms");
+    }
+
+    #[test]
+    fn admin_key_from_env_and_digest() {
+        let json = minimal(r#"[{"name":"h","path":{"exact":"/"},"public":true}]"#);
+        let c = Config::from_json(json.as_bytes(), Some("0123456789abcdef-admin")).unwrap();
+        assert_eq!(c.admin_digests.len(), 1);
+        let e = Config::from_json(json.as_bytes(), Some("short")).unwrap_err();
+        assert_eq!(e.0[0].path, "env DIAL_ADMIN_API_KEY");
+        let bad = r#"{"credits_service":{"cluster":"c"},"admin_key_sha256":"nothex","routes":[{"name":"h","path":{"exact":"/"},"public":true}]}"#;
+        assert_eq!(errors(bad)[0].path, "$.admin_key_sha256");
+    }
+
+    #[test]
+    fn privy_needs_a_key() {
+        let e = errors(r#"{"credits_service":{"cluster":"c"},"privy":{"app_id":"a"},"routes":[{"name":"h","path":{"exact":"/"},"public":true}]}"#);
+        assert_eq!(e[0].path, "$.privy");
+        let e = errors(r#"{"credits_service":{"cluster":"c"},"privy":{"app_id":"a","verification_key":"nope"},"routes":[{"name":"h","path":{"exact":"/"},"public":true}]}"#);
+        assert_eq!(e[0].path, "$.privy.verification_key");
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let c = Config::from_json(minimal(
+            r#"[{"name":"one","methods":["GET"],"path":{"template":"/k/{id}"}},
+                {"name":"two","path":{"prefix":"/k/"}}]"#).as_bytes(), None).unwrap();
+        assert_eq!(c.route_for("GET", "/k/1").map(|r| r.name.as_str()), Some("one"));
+        assert_eq!(c.route_for("POST", "/k/1").map(|r| r.name.as_str()), Some("two"));
+        assert_eq!(c.route_for("GET", "/k/1/2").map(|r| r.name.as_str()), Some("two"));
+    }
+}

@@ -1,0 +1,168 @@
+//! The plugin configuration as the operator writes it (JSON), before
+//! validation. Every struct refuses unknown fields so a typo is an error at
+//! load, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where API keys are looked up and credits are debited.
+    pub credits_service: RawService,
+    /// SHA-256 (hex) of the operator admin key, as an alternative to (or in
+    /// addition to) the `DIAL_ADMIN_API_KEY` VM environment variable.
+    #[serde(default)]
+    pub admin_key_sha256: Option<String>,
+    /// Privy access-token verification; absent = Privy tokens get 401.
+    #[serde(default)]
+    pub privy: Option<RawPrivy>,
+    /// What to do with a request no route matches.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// Pass the `Authorization` header upstream after a successful check.
+    /// Off by default: the upstream gets trusted identity headers instead,
+    /// and the secret stays at the edge.
+    #[serde(default)]
+    pub forward_authorization: bool,
+    #[serde(default)]
+    pub max_token_bytes: Option<usize>,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// The Envoy cluster the callouts go to.
+    pub cluster: String,
+    /// `:authority` of the callouts; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_lookup_path")]
+    pub lookup_path: String,
+    #[serde(default = "default_debit_path")]
+    pub debit_path: String,
+    /// Answers larger than this are treated as garbage (fail closed).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_lookup_path() -> String {
+    "/v1/keys/lookup".into()
+}
+fn default_debit_path() -> String {
+    "/v1/debit".into()
+}
+fn default_max_response_bytes() -> usize {
+    64 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrivy {
+    /// The Privy app id: the required `aud`.
+    pub app_id: String,
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// The verification key the Privy dashboard shows (PEM, SPKI).
+    #[serde(default)]
+    pub verification_key: Option<String>,
+    /// A JWKS document (`{"keys":[…]}`); keys are selected by `kid`.
+    #[serde(default)]
+    pub jwks: Option<Value>,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: i64,
+    /// Also read the token from the `privy-token` cookie (Privy's HttpOnly
+    /// cookie mode) when there is no `Authorization` header.
+    #[serde(default)]
+    pub accept_cookie: bool,
+}
+
+fn default_issuer() -> String {
+    "privy.io".into()
+}
+fn default_leeway() -> i64 {
+    60
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// 403 `route_not_allowed` (the default: a route nobody wrote a policy
+    /// for is not exposed by accident).
+    #[default]
+    Deny,
+    /// Pass through without any check, like a `public` route.
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    /// HTTP methods, upper case; absent = any method.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    pub path: RawPath,
+    /// The scope an API key or token must hold. Privy sessions skip it.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Credits debited per request (0 = free, but still authenticated).
+    #[serde(default)]
+    pub cost: u64,
+    /// How the route may be paid: `credits` (Bearer), `x402`. Default `["credits"]`.
+    #[serde(default)]
+    pub payment: Option<Vec<PaymentMode>>,
+    /// No credential needed, nothing charged.
+    #[serde(default)]
+    pub public: bool,
+    /// Payment requirements announced in the 402 for x402 routes.
+    #[serde(default)]
+    pub x402: Option<RawX402>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPath {
+    Exact(String),
+    Prefix(String),
+    Template(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentMode {
+    Credits,
+    X402,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawX402 {
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    pub accepts: Vec<X402Accept>,
+}
+
+/// One x402 v2 `PaymentRequirements` entry, in the protocol's own field names.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct X402Accept {
+    pub scheme: String,
+    /// CAIP-2 network id, e.g. `eip155:8453` (Base).
+    pub network: String,
+    /// Atomic units of `asset`, as a decimal string.
+    pub amount: String,
+    pub asset: String,
+    pub pay_to: String,
+    pub max_timeout_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
+}
