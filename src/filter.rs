@@ -31,14 +31,14 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let Some(bytes) = self.get_plugin_configuration() else {
-            log::error!("dialtone: no plugin configuration: refusing to start");
+            log::error!("no plugin configuration: refusing to start");
             return false;
         };
         let env_key = std::env::var(ADMIN_KEY_ENV).ok();
         match Config::from_json(&bytes, env_key.as_deref()) {
             Ok(cfg) => {
                 log::info!(
-                    "dialtone: configured {} routes, privy={}, admin_keys={}, credits cluster {:?}",
+                    "configured {} routes, privy={}, admin_keys={}, credits cluster {:?}",
                     cfg.routes.len(),
                     cfg.privy.is_some(),
                     cfg.admin_digests.len(),
@@ -48,7 +48,7 @@ impl RootContext for Root {
                 true
             }
             Err(e) => {
-                log::error!("dialtone: invalid plugin configuration: {e}");
+                log::error!("invalid plugin configuration: {e}");
                 false
             }
         }
@@ -100,7 +100,7 @@ impl Gate {
                     self.set_http_request_header(name, Some(&value));
                 }
                 log::debug!(
-                    "dialtone: allow route={} method={} prefix={} charged={}",
+                    "allow route={} method={} prefix={} charged={}",
                     grant.route.as_deref().unwrap_or("-"),
                     grant.identity.method.as_str(),
                     grant.identity.key_prefix.as_deref().unwrap_or("-"),
@@ -138,7 +138,7 @@ impl Gate {
                     }
                     Err(status) => {
                         log::error!(
-                            "dialtone: cannot call cluster {:?}: {status:?}",
+                            "cannot call cluster {:?}: {status:?}",
                             cfg.service.cluster
                         );
                         self.deny(&Denial::CreditsUnavailable(ServiceError::DispatchFailed));
@@ -153,10 +153,10 @@ impl Gate {
         let reply = denial.reply();
         match denial {
             Denial::CreditsUnavailable(e) => {
-                log::warn!("dialtone: credits service unusable ({}): 503", e.reason());
+                log::warn!("credits service unusable ({}): 503", e.reason());
             }
-            Denial::Unauthorized(why) => log::info!("dialtone: 401 {}", why.reason()),
-            other => log::info!("dialtone: {} {}", reply.status, other.code()),
+            Denial::Unauthorized(why) => log::info!("401 {}", why.reason()),
+            other => log::info!("{} {}", reply.status, other.code()),
         }
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
@@ -169,7 +169,7 @@ impl Context for Gate {
             return;
         };
         if self.call_token != Some(token_id) {
-            log::warn!("dialtone: unexpected callout answer {token_id}");
+            log::warn!("unexpected callout answer {token_id}");
             self.deny(&Denial::CreditsUnavailable(ServiceError::Inconsistent));
             return;
         }

@@ -5,6 +5,10 @@
 //! that turns Envoy's host events into calls to [`decision`] and carries out
 //! what it returns.
 
+// The filter must never panic (a panic kills the VM for every later request):
+// besides the workspace's unwrap/expect/panic denials, no unchecked indexing.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
+
 pub mod bearer;
 pub mod credits_api;
 pub mod decision;

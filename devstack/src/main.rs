@@ -1,0 +1,158 @@
+//! `dialtone-devstack run`: the local stack behind `make run`.
+//! `dialtone-devstack mint-token`: a Privy-shaped token signed by the dev key.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack};
+
+const USAGE: &str = "usage:
+  dialtone-devstack run                 start Envoy + filter + key/credits service + demo API (foreground)
+  dialtone-devstack mint-token [--sub DID] [--ttl SECONDS]
+                                        print a Privy-shaped access token signed by the dev key
+
+environment: DIALTONE_PORT (10000), DIALTONE_ADMIN_PORT (9901), DIALTONE_CREDITS_PORT (8081),
+             DIALTONE_UPSTREAM_PORT (8082), DIALTONE_CONCURRENCY (2)";
+
+fn env_u16(var: &str, default: u16) -> Result<u16, String> {
+    match std::env::var(var) {
+        Ok(v) => v.parse().map_err(|_| format!("{var}={v:?} is not a port number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn run_dir(paths: &Paths) -> PathBuf {
+    paths.root.join("target/run")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(),
+        Some("mint-token") => mint_token(&args[1..]),
+        _ => Err(USAGE.to_owned()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn mint_token(args: &[String]) -> Result<(), String> {
+    let paths = Paths::discover()?;
+    let (key, cfg) = devstack::demo_setup(&paths.root, &run_dir(&paths))?;
+    let (mut sub, mut ttl) = (devstack::DEMO_USER.to_owned(), 3600i64);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--sub" => sub = value.clone(),
+            "--ttl" => ttl = value.parse().map_err(|_| format!("--ttl {value:?} is not a number"))?,
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
+        }
+    }
+    println!("{}", tokens::privy_token(&key, &devstack::app_id(&cfg), &sub, tokens::now_unix(), ttl));
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let paths = Paths::discover()?;
+    let dir = run_dir(&paths);
+    let (key, plugin_config) = devstack::demo_setup(&paths.root, &dir)?;
+    // A fresh database each run, so the demo credentials always match it.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.join(format!("dialtone.db{suffix}")));
+    }
+    let _ = std::fs::remove_file(dir.join("envoy.log"));
+    let _ = std::fs::remove_file(dir.join("credits.log"));
+    let admin_key = format!("dial_admin_{}", devstack::random_hex(24)?);
+    let concurrency = std::env::var("DIALTONE_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let opts = Options {
+        ports: Ports {
+            listen: env_u16("DIALTONE_PORT", 10000)?,
+            admin: env_u16("DIALTONE_ADMIN_PORT", 9901)?,
+            credits: env_u16("DIALTONE_CREDITS_PORT", 8081)?,
+            upstream: env_u16("DIALTONE_UPSTREAM_PORT", 8082)?,
+        },
+        run_dir: dir.clone(),
+        plugin_config: plugin_config.clone(),
+        admin_key: Some(admin_key.clone()),
+        concurrency,
+    };
+    // Stop on Ctrl-C / SIGTERM; the Stack's Drop stops every child.
+    let (tx, rx) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+
+    let stack = Stack::start(paths.clone(), opts)?;
+    let creds = devstack::seed_demo(&stack)?;
+    let app_id = devstack::app_id(&plugin_config);
+    let privy_token = tokens::privy_token(&key, &app_id, devstack::DEMO_USER, tokens::now_unix(), 3600);
+    let url = stack.url();
+
+    let mut env = String::new();
+    let _ = writeln!(env, "# dialtone demo credentials, written by `make run` (valid while it runs)");
+    for (k, v) in [
+        ("DIALTONE_URL", url.as_str()),
+        ("DEMO_PRIVY_TOKEN", privy_token.as_str()),
+        ("DEMO_PRIVY_APP_ID", app_id.as_str()),
+        ("DEMO_SIGNING_KEY", &dir.join("dev-signing-key.pem").display().to_string()),
+        ("DEMO_API_KEY", creds.api_key.as_str()),
+        ("DEMO_NOSCOPE_API_KEY", creds.noscope_api_key.as_str()),
+        ("DEMO_BROKE_API_KEY", creds.broke_api_key.as_str()),
+        ("DEMO_ADMIN_KEY", admin_key.as_str()),
+    ] {
+        let _ = writeln!(env, "export {k}='{v}'");
+    }
+    let env_path = dir.join("demo.env");
+    std::fs::write(&env_path, env).map_err(|e| format!("{}: {e}", env_path.display()))?;
+
+    println!(
+        r#"
+dialtone is up: Envoy {url} (admin {admin}), key/credits service {credits}
+logs: {dir}/envoy.log, {dir}/credits.log   database: {db}
+demo credentials: {env}
+
+Try (in another shell):
+  source {env}
+  # Privy session (~1 h): charged, no scope check
+  curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -H "Authorization: Bearer $DEMO_PRIVY_TOKEN" \
+       -H 'content-type: application/json' -d '{{"to":"+18148835337","message":"Hello via credits"}}'
+  # API key with sms:send: charged 1 credit
+  curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -H "Authorization: Bearer $DEMO_API_KEY" \
+       -H 'content-type: application/json' -d '{{"to":"+18148835337","message":"hi"}}'
+  curl -sS "$DIALTONE_URL/api/v1/account" -H "Authorization: Bearer $DEMO_API_KEY"
+  # 403 insufficient_scope / 402 insufficient_credits / 402 payment_required (x402)
+  curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -H "Authorization: Bearer $DEMO_NOSCOPE_API_KEY" -d '{{}}'
+  curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -H "Authorization: Bearer $DEMO_BROKE_API_KEY" -d '{{}}'
+  curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -d '{{}}'
+  # operator: mint, list, revoke keys; top up
+  {bin} --db {db} key list {user}
+
+Ctrl-C stops everything."#,
+        admin = stack.admin_url(),
+        credits = stack.credits_url(),
+        dir = dir.display(),
+        db = stack.db.display(),
+        env = env_path.display(),
+        bin = paths.credits_bin.display(),
+        user = devstack::DEMO_USER,
+    );
+
+    let mut stack = stack;
+    loop {
+        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            println!("\nstopping…");
+            break;
+        }
+        if let Some(dead) = stack.exited() {
+            return Err(format!("{dead} stopped unexpectedly:\n{}", stack.log_tail(dead)));
+        }
+    }
+    drop(stack);
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Helpers for the end-to-end tests: a stack per test (its own Envoy, its own
+//! key/credits service and database, on free ports) and a raw HTTP/1.1
+//! client, so tests can send what a hostile client sends (duplicate headers,
+//! non-UTF-8 bytes) exactly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack};
+use serde_json::{json, Value};
+
+pub const ADMIN_KEY: &str = "e2e-operator-admin-key-0123456789";
+
+/// A running stack plus what the tests need to mint tokens.
+pub struct TestStack {
+    pub stack: Stack,
+    pub signing_key: devstack::p256_key::SigningKey,
+    pub app_id: String,
+}
+
+/// The demo policy plus routes that echo what the upstream received, so a
+/// test can see the headers that passed the filter.
+pub fn test_plugin_config(demo: &Value) -> Value {
+    let mut cfg = demo.clone();
+    let routes = cfg["routes"].as_array_mut().unwrap();
+    routes.push(json!({"name": "echo_public", "path": {"prefix": "/echo/public"}, "public": true}));
+    routes.push(json!({"name": "echo_free", "path": {"prefix": "/echo/free"}}));
+    routes.push(json!({"name": "echo_paid", "path": {"prefix": "/echo/paid"}, "scope": "sms:send", "cost": 1,
+        "payment": ["credits", "x402"], "x402": demo["routes"][0]["x402"].clone()}));
+    cfg
+}
+
+impl TestStack {
+    /// Starts a stack for the test called `name`, with `edit` applied to the plugin config.
+    pub fn start_with(name: &str, edit: impl FnOnce(&mut Value)) -> Result<TestStack, String> {
+        let paths = Paths::discover()?;
+        let run_dir = paths.root.join("target/e2e").join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        // One dev key for all e2e stacks; each stack gets its own database.
+        let (key, demo) = devstack::demo_setup(&paths.root, &paths.root.join("target/e2e"))?;
+        let mut cfg = test_plugin_config(&demo);
+        edit(&mut cfg);
+        let app_id = devstack::app_id(&cfg);
+        let opts = Options {
+            ports: Ports::free()?,
+            run_dir,
+            plugin_config: cfg,
+            admin_key: Some(ADMIN_KEY.to_owned()),
+            concurrency: 1,
+        };
+        let stack = Stack::start(paths, opts)?;
+        Ok(TestStack { stack, signing_key: key, app_id })
+    }
+
+    pub fn start(name: &str) -> TestStack {
+        Self::start_with(name, |_| {}).unwrap_or_else(|e| panic!("starting the stack: {e}"))
+    }
+
+    /// A valid Privy access token for `sub`.
+    pub fn privy_token(&self, sub: &str) -> String {
+        tokens::privy_token(&self.signing_key, &self.app_id, sub, tokens::now_unix(), 3600)
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send("GET", path, headers, None)
+    }
+
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+        self.send("POST", path, headers, Some(body.as_bytes()))
+    }
+
+    pub fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
+        let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        raw_request(self.stack.opts.ports.listen, method, path, &raw, body)
+    }
+
+    pub fn send_raw(&self, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Resp {
+        raw_request(self.stack.opts.ports.listen, method, path, headers, None)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts a refusal written by the filter: status, JSON, `success: false`, the error code.
+    pub fn assert_refusal(&self, status: u16, error: &str) -> Value {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
+        let body = self.json();
+        assert_eq!(body["success"], false, "{body}");
+        assert_eq!(body["error"], error, "{body}");
+        if status == 401 {
+            let www = self.header("www-authenticate").unwrap_or_else(|| panic!("401 without WWW-Authenticate: {self:?}"));
+            assert!(www.starts_with("Bearer realm=\"dialtone\""), "{www}");
+        }
+        body
+    }
+
+    /// The upstream `/echo` answer: the headers it received.
+    pub fn echoed_header(&self, name: &str) -> Option<String> {
+        assert_eq!(self.status, 200, "echo failed: {}", self.body);
+        self.json()["headers"][name].as_str().map(str::to_owned)
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, bytes exactly as given.
+pub fn raw_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req: Vec<u8> = format!("{method} {path} HTTP/1.1\r\nhost: dialtone.test\r\nconnection: close\r\n").into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(k.as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || method == "POST" {
+        req.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Resp {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())))
+        .collect();
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked")) {
+        body = dechunk(&body);
+    }
+    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+pub fn e2e_dir() -> PathBuf {
+    Paths::discover().map(|p| p.root.join("target/e2e")).unwrap_or_default()
+}
+
+/// How a scripted stand-in for the key/credits service misbehaves.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answers only after this long (past the filter's callout timeout).
+    Slow(Duration),
+    /// 500 with a JSON error body.
+    ServerError,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// 200 with valid-looking JSON of this many bytes (past the response cap).
+    Huge(usize),
+    /// Closes the connection without answering.
+    Reset,
+}
+
+/// A fault-injecting stand-in bound where the key/credits service was. It
+/// exists only to script failures a real service will not produce on demand.
+pub struct FaultServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    port: u16,
+}
+
+impl FaultServer {
+    pub fn start(port: u16, fault: Fault) -> FaultServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let _ = read_request(&mut conn);
+                    let reply = |status: &str, body: &[u8]| {
+                        let mut out = format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                        out.extend_from_slice(body);
+                        out
+                    };
+                    let bytes = match fault {
+                        Fault::Slow(d) => {
+                            std::thread::sleep(d);
+                            reply("200 OK", br#"{"error":"too late"}"#)
+                        }
+                        Fault::ServerError => reply("500 Internal Server Error", br#"{"error":"internal"}"#),
+                        Fault::Garbage => reply("200 OK", b"<html>definitely not json</html>"),
+                        Fault::Huge(n) => {
+                            let mut body = br#"{"account":"did:privy:x","pad":""#.to_vec();
+                            body.resize(n, b'a');
+                            body.extend_from_slice(br#""}"#);
+                            reply("200 OK", &body)
+                        }
+                        Fault::Reset => Vec::new(),
+                    };
+                    let _ = conn.write_all(&bytes);
+                });
+            }
+        });
+        FaultServer { stop, port }
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag and releases the port.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read_request(conn: &mut TcpStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = conn.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(());
+        }
+    }
+}

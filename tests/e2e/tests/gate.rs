@@ -1,0 +1,396 @@
+//! The gate, end to end: a real Envoy (from the project's venv) loading the
+//! built `dialtone.wasm`, the real key/credits service on SQLite, the demo
+//! API. Each test starts its own stack on free ports. Missing Envoy or a
+//! missing build fails the test (it never skips).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use dialtone_e2e::{bearer, tokens, TestStack, ADMIN_KEY};
+use serde_json::{json, Value};
+
+const USER: &str = "did:privy:e2e-user";
+const SMS: &str = "/api/v1/sms/send";
+const SMS_BODY: &str = r#"{"to":"+18148835337","message":"Hello via credits"}"#;
+
+fn sms_ok(r: &dialtone_e2e::Resp) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = r.json();
+    assert_eq!(b["success"], true);
+    assert_eq!(b["provider"], "dial");
+    assert_eq!(b["to"], "+18148835337");
+    assert!(b["messageId"].as_str().unwrap().starts_with("msg_"), "{b}");
+}
+
+#[test]
+fn privy_access_tokens_verified_in_the_sandbox() {
+    let t = TestStack::start("privy");
+    t.stack.create_account(USER, 10).unwrap();
+    let good = t.privy_token(USER);
+
+    // A valid session pays exactly the route's cost and skips scope checks.
+    let r = t.post(SMS, &[("authorization", &bearer(&good)), ("content-type", "application/json")], SMS_BODY);
+    sms_ok(&r);
+    assert_eq!(t.stack.balance(USER).unwrap(), 9);
+    // Free route: authenticated, not charged; the upstream reports the account.
+    let r = t.get("/api/v1/account", &[("authorization", &bearer(&good))]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = r.json();
+    assert_eq!(b["privyUserId"], USER);
+    assert_eq!(b["credits"], 9);
+    assert!(b.get("authMethod").is_none() && b.get("apiKeyPrefix").is_none(), "{b}");
+    // Scheme is case-insensitive.
+    assert_eq!(t.get("/api/v1/account", &[("authorization", &format!("bEaReR {good}"))]).status, 200);
+
+    let key = &t.signing_key;
+    let now = tokens::now_unix();
+    let claims = |f: &dyn Fn(&mut Value)| {
+        let mut c = tokens::privy_claims(&t.app_id, USER, now - 5, now + 3600);
+        f(&mut c);
+        c
+    };
+    let es256 = json!({"alg": "ES256", "typ": "JWT"});
+    let public_pem = tokens::public_pem(key).unwrap();
+    let tampered = {
+        // Change the payload (sub) without re-signing.
+        let parts: Vec<&str> = good.split('.').collect();
+        let mut c: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        c["sub"] = json!("did:privy:someone-else");
+        format!("{}.{}.{}", parts[0], tokens::b64(c.to_string().as_bytes()), parts[2])
+    };
+    assert_ne!(tampered, good);
+    let other_key = tokens::load_or_create_key(&dialtone_e2e::e2e_dir().join("attacker-key.pem")).unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("tampered payload", tampered, "invalid token signature"),
+        ("expired", tokens::sign_es256(key, &es256, &claims(&|c| { c["iat"] = json!(now - 7200); c["exp"] = json!(now - 3600) })), "token expired"),
+        ("wrong aud", tokens::sign_es256(key, &es256, &claims(&|c| c["aud"] = json!("another-app"))), "token audience is not this app"),
+        ("wrong iss", tokens::sign_es256(key, &es256, &claims(&|c| c["iss"] = json!("evil.io"))), "token issuer is not accepted"),
+        ("not yet valid", tokens::sign_es256(key, &es256, &claims(&|c| c["nbf"] = json!(now + 600))), "token not yet valid"),
+        ("no exp", tokens::sign_es256(key, &es256, &claims(&|c| { c.as_object_mut().unwrap().remove("exp"); })), "token is missing a required claim"),
+        // alg none with the empty signature it calls for, and with a signature stuck on.
+        ("alg none", tokens::unsigned(&claims(&|_| {})), "malformed token"),
+        ("alg none, signed", format!("{}c2lnbmF0dXJl", tokens::unsigned(&claims(&|_| {}))), "token algorithm must be ES256"),
+        ("HS256 keyed with the public key", tokens::sign_hs256(public_pem.as_bytes(), &json!({"alg": "HS256", "typ": "JWT"}), &claims(&|_| {})).unwrap(), "token algorithm must be ES256"),
+        ("signed by another key", tokens::sign_es256(&other_key, &es256, &claims(&|_| {})), "invalid token signature"),
+        ("crit header", tokens::sign_es256(key, &json!({"alg": "ES256", "crit": ["exp"]}), &claims(&|_| {})), "token has critical extensions"),
+    ];
+    for (what, token, message) in &cases {
+        let r = t.post(SMS, &[("authorization", &bearer(token))], SMS_BODY);
+        let b = r.assert_refusal(401, "unauthorized");
+        assert_eq!(b["message"], *message, "{what}");
+        let www = r.header("www-authenticate").unwrap();
+        assert!(www.contains("error=\"invalid_token\""), "{what}: {www}");
+        // The refusal never echoes the credential.
+        assert!(!r.body.contains(token.as_str()) && !www.contains(token.as_str()), "{what}");
+    }
+    // None of the refused tokens cost anything.
+    assert_eq!(t.stack.balance(USER).unwrap(), 9);
+
+    // Privy's HttpOnly-cookie mode (accept_cookie is on in the demo policy).
+    let r = t.get("/api/v1/account", &[("cookie", &format!("theme=dark; privy-token={good}"))]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["privyUserId"], USER);
+}
+
+#[test]
+fn api_keys_scopes_and_credits() {
+    let t = TestStack::start("apikeys");
+    t.stack.create_account(USER, 3).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let noscope = t.stack.create_key(USER, &["contacts_read"], &[]).unwrap();
+    t.stack.create_account("did:privy:broke", 0).unwrap();
+    let broke = t.stack.create_key("did:privy:broke", &["sms:send"], &[]).unwrap();
+    assert!(key.starts_with("dial_live_"));
+
+    // Charged exactly the route's cost, once per request.
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 2);
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 1);
+
+    // The account route reports the API key as the seed shows.
+    let r = t.get("/api/v1/account", &[("authorization", &bearer(&key))]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = r.json();
+    assert_eq!(b["authMethod"], "apikey");
+    assert_eq!(b["apiKeyPrefix"], key["dial_live_".len().."dial_live_".len() + 8]);
+    assert_eq!(b["credits"], 1);
+    assert_eq!(t.stack.balance(USER).unwrap(), 1, "a free route costs nothing");
+
+    // Missing scope: 403, nothing charged.
+    let r = t.post(SMS, &[("authorization", &bearer(&noscope))], SMS_BODY);
+    let b = r.assert_refusal(403, "insufficient_scope");
+    assert_eq!(b["required_scope"], "sms:send");
+    assert_eq!(t.stack.balance(USER).unwrap(), 1);
+
+    // No credits: the seed's exact 402 body.
+    let r = t.post(SMS, &[("authorization", &bearer(&broke))], SMS_BODY);
+    assert_eq!(r.status, 402);
+    assert_eq!(r.body, r#"{"success":false,"error":"insufficient_credits","credits":0,"required":1}"#);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+
+    // Spend the last credit, then the next request is 402 with the real numbers.
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    let r = t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY);
+    assert_eq!(r.body, r#"{"success":false,"error":"insufficient_credits","credits":0,"required":1}"#);
+    assert_eq!(t.stack.balance(USER).unwrap(), 0);
+
+    // Unknown (well-formed) key and revoked key: 401.
+    let unknown = "dial_live_0000000011111111222222223333333344444444";
+    let r = t.get("/api/v1/account", &[("authorization", &bearer(unknown))]);
+    assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "unknown API key");
+    let prefix = &key["dial_live_".len().."dial_live_".len() + 8];
+    t.stack.cli(&["key", "revoke", prefix]).unwrap();
+    let r = t.get("/api/v1/account", &[("authorization", &bearer(&key))]);
+    assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "API key revoked");
+
+    // privy_ API tokens: same lookup; expired → 401 at once.
+    t.stack.cli(&["account", "topup", USER, "5"]).unwrap();
+    let token = t.stack.create_key(USER, &["sms:send"], &["--kind", "api_token", "--expires", "30d"]).unwrap();
+    assert!(token.starts_with("privy_") && token.len() == 46, "{token}");
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 4);
+    let db = rusqlite::Connection::open(&t.stack.db).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    db.execute("UPDATE keys SET expires_at = ?1 WHERE prefix = ?2", rusqlite::params![tokens::now_unix() - 1, &token[6..14]]).unwrap();
+    let r = t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY);
+    assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "API key expired");
+    assert_eq!(t.stack.balance(USER).unwrap(), 4);
+}
+
+#[test]
+fn upstream_sees_trusted_identity_and_never_spoofed_headers() {
+    let t = TestStack::start("identity");
+    t.stack.create_account(USER, 5).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let spoof: &[(&str, &str)] = &[
+        ("x-dialtone-account", "did:privy:victim"),
+        ("X-Dialtone-Auth-Method", "admin"),
+        ("x-dialtone-key-prefix", "deadbeef"),
+        ("x-dialtone-credits-remaining", "999999"),
+        ("x-dialtone-anything", "forged"),
+    ];
+    fn with<'a>(spoof: &[(&'a str, &'a str)], auth: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+        let mut h = spoof.to_vec();
+        h.extend(auth.map(|a| ("authorization", a)));
+        h
+    }
+
+    // API key on a paid route.
+    let r = t.get("/echo/paid/x", &with(spoof, Some(&bearer(&key))));
+    assert_eq!(r.echoed_header("x-dialtone-account").as_deref(), Some(USER));
+    assert_eq!(r.echoed_header("x-dialtone-auth-method").as_deref(), Some("apikey"));
+    assert_eq!(r.echoed_header("x-dialtone-key-prefix").as_deref(), Some(&key[10..18]));
+    assert_eq!(r.echoed_header("x-dialtone-credits-remaining").as_deref(), Some("4"));
+    assert_eq!(r.echoed_header("x-dialtone-charged").as_deref(), Some("1"));
+    assert_eq!(r.echoed_header("x-dialtone-route").as_deref(), Some("echo_paid"));
+    assert_eq!(r.echoed_header("x-dialtone-anything"), None);
+    // The secret stays at the edge.
+    assert_eq!(r.echoed_header("authorization"), None);
+
+    // Privy session on a free route.
+    let r = t.get("/echo/free", &with(spoof, Some(&bearer(&t.privy_token(USER)))));
+    assert_eq!(r.echoed_header("x-dialtone-account").as_deref(), Some(USER));
+    assert_eq!(r.echoed_header("x-dialtone-auth-method").as_deref(), Some("privy"));
+    assert_eq!(r.echoed_header("x-dialtone-key-prefix"), None);
+    assert_eq!(r.echoed_header("x-dialtone-credits-remaining"), None);
+
+    // Admin bypass: no account, no charge.
+    let r = t.get("/echo/paid/x", &with(spoof, Some(&bearer(ADMIN_KEY))));
+    assert_eq!(r.echoed_header("x-dialtone-auth-method").as_deref(), Some("admin"));
+    assert_eq!(r.echoed_header("x-dialtone-account"), None);
+    assert_eq!(r.echoed_header("x-dialtone-charged").as_deref(), Some("0"));
+
+    // Public route: every spoofed header is gone too.
+    let r = t.get("/echo/public", &with(spoof, None));
+    for (name, _) in spoof {
+        assert_eq!(r.echoed_header(&name.to_ascii_lowercase()), None, "{name}");
+    }
+    assert_eq!(t.stack.balance(USER).unwrap(), 4, "only the one paid API-key request was charged");
+}
+
+#[test]
+fn admin_key_bypasses_scopes_and_payment() {
+    let t = TestStack::start("admin");
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(ADMIN_KEY))], SMS_BODY));
+    // The top-up route takes only x402: the filter lets the admin through
+    // without asking for payment (the 402 below is the demo upstream's own,
+    // which has no x402 requirements in it).
+    let r = t.post("/api/v1/credits/top-up", &[("authorization", &bearer(ADMIN_KEY))], "{}");
+    assert!(r.json().get("x402Version").is_none() && r.header("payment-required").is_none(), "{r:?}");
+    // One character off is just an unknown credential.
+    let near = &ADMIN_KEY[..ADMIN_KEY.len() - 1];
+    t.post(SMS, &[("authorization", &bearer(near))], SMS_BODY).assert_refusal(401, "unauthorized");
+}
+
+#[test]
+fn x402_fall_through() {
+    let t = TestStack::start("x402");
+    // No Bearer, x402 route, no payment header: 402 with the requirements.
+    let r = t.post(SMS, &[], SMS_BODY);
+    let b = r.assert_refusal(402, "payment_required");
+    assert_eq!(b["x402Version"], 2);
+    assert_eq!(b["accepts"][0]["scheme"], "exact");
+    assert_eq!(b["accepts"][0]["network"], "eip155:84532");
+    let header: Value = serde_json::from_slice(&STANDARD.decode(r.header("payment-required").unwrap()).unwrap()).unwrap();
+    assert_eq!(header["x402Version"], 2);
+    assert_eq!(header["accepts"], b["accepts"]);
+    assert!(header["resource"]["url"].as_str().unwrap().ends_with(SMS), "{header}");
+
+    // With a payment header the request passes, the header untouched.
+    for name in ["payment-signature", "x-payment"] {
+        let r = t.get("/echo/paid/x402", &[(name, "eyJwYXlsb2FkIjoidGVzdCJ9")]);
+        assert_eq!(r.echoed_header(name).as_deref(), Some("eyJwYXlsb2FkIjoidGVzdCJ9"), "{name}");
+        assert_eq!(r.echoed_header("x-dialtone-auth-method"), None);
+    }
+    // A route without x402: 401 with a bare challenge.
+    let r = t.get("/api/v1/account", &[]);
+    r.assert_refusal(401, "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"dialtone\""));
+
+    // Top-up: x402 only; the Bearer says whom to credit.
+    t.stack.create_account(USER, 0).unwrap();
+    let token = t.privy_token(USER);
+    t.post("/api/v1/credits/top-up", &[("authorization", &bearer(&token))], "{}").assert_refusal(402, "payment_required");
+    let r = t.post("/api/v1/credits/top-up", &[("authorization", &bearer(&token)), ("payment-signature", "demo-payment-1")], "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(t.stack.balance(USER).unwrap(), 100);
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 99);
+}
+
+#[test]
+fn malformed_authorization_headers() {
+    let t = TestStack::start("malformed");
+    let long = format!("Bearer {}", "a".repeat(5000));
+    type RawHeaders<'a> = Vec<(&'a str, &'a [u8])>;
+    let cases: Vec<(&str, RawHeaders)> = vec![
+        ("Basic scheme", vec![("authorization", b"Basic dXNlcjpwYXNz")]),
+        ("empty Bearer", vec![("authorization", b"Bearer")]),
+        ("Bearer and spaces", vec![("authorization", b"Bearer    ")]),
+        ("two tokens", vec![("authorization", b"Bearer abc def")]),
+        ("two headers", vec![("authorization", b"Bearer abc"), ("authorization", b"Bearer abc")]),
+        ("oversized", vec![("authorization", long.as_bytes())]),
+        ("non-UTF-8", vec![("authorization", b"Bearer \xff\xfe\xfd")]),
+        ("not a credential", vec![("authorization", b"Bearer hello")]),
+        ("lookalike token", vec![("authorization", b"Bearer privy_ABCDEF0123456789abcdef0123456789abcdef01")]),
+        ("short api key", vec![("authorization", b"Bearer dial_live_abc")]),
+        ("eyJ garbage", vec![("authorization", b"Bearer eyJ.eyJ.eyJ")]),
+    ];
+    for (what, headers) in cases {
+        let r = t.send_raw("GET", "/api/v1/account", &headers);
+        r.assert_refusal(401, "unauthorized");
+        assert!(!r.body.contains("hello") && !r.body.contains("dXNlcjpwYXNz"), "{what}: {}", r.body);
+    }
+    // Envoy itself refuses control bytes in a header before any filter runs.
+    let r = t.send_raw("GET", "/api/v1/account", &[("authorization", b"Bearer a\x01b")]);
+    assert_eq!(r.status, 400, "{what:?}", what = r.body);
+    // Unmatched routes are denied by default.
+    t.get("/not/in/policy", &[]).assert_refusal(403, "route_not_allowed");
+    // The VM survived all of it.
+    assert_eq!(t.get("/healthz", &[]).status, 200);
+}
+
+#[test]
+fn fails_closed_when_the_credits_service_is_down() {
+    let mut t = TestStack::start("failclosed");
+    t.stack.create_account(USER, 10).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let token = t.privy_token(USER);
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 9);
+
+    t.stack.stop_credits();
+    for auth in [&key, &token] {
+        let r = t.post(SMS, &[("authorization", &bearer(auth))], SMS_BODY);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.body, r#"{"success":false,"error":"credits_unavailable"}"#);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // Back up: the very next request is served and charged exactly once.
+    t.stack.start_credits().unwrap();
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 8);
+}
+
+#[test]
+fn invalid_plugin_config_refuses_to_load() {
+    // An unknown field: Envoy must refuse the plugin (and so not start), and
+    // the log must say why.
+    let err = TestStack::start_with("badconfig", |cfg| {
+        cfg["routes"][0]["cots"] = json!(1);
+    })
+    .err()
+    .expect("Envoy started with an invalid plugin config");
+    assert!(err.contains("invalid plugin configuration"), "{err}");
+    assert!(err.contains("$.routes[0].cots") && err.contains("unknown field `cots`"), "{err}");
+
+    // A semantic error: a paid route without a scope.
+    let err = TestStack::start_with("badconfig2", |cfg| {
+        cfg["routes"][0].as_object_mut().unwrap().remove("scope");
+    })
+    .err()
+    .expect("Envoy started with an invalid plugin config");
+    assert!(err.contains("$.routes[0].scope"), "{err}");
+}
+
+#[test]
+fn secrets_never_reach_the_logs() {
+    let t = TestStack::start("secrets");
+    t.stack.create_account(USER, 2).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let noscope = t.stack.create_key(USER, &[], &[]).unwrap();
+    let token = t.privy_token(USER);
+    let expired = tokens::privy_token(&t.signing_key, &t.app_id, USER, tokens::now_unix() - 7200, 60);
+    for auth in [&key, &noscope, &token, &expired, &ADMIN_KEY.to_owned()] {
+        t.post(SMS, &[("authorization", &bearer(auth))], SMS_BODY);
+        t.get("/api/v1/account", &[("authorization", &bearer(auth))]);
+    }
+    for log in ["envoy", "credits"] {
+        let text = t.stack.log(log);
+        assert!(!text.is_empty(), "{log} log is empty");
+        for secret in [&key, &noscope, &token, &expired, &ADMIN_KEY.to_owned()] {
+            assert!(!text.contains(secret.as_str()), "{log} log contains a secret");
+            // Not even the part after the public prefix.
+            assert!(!text.contains(&secret[secret.len() - 20..]), "{log} log contains part of a secret");
+        }
+    }
+    // The credits database holds the key as a hash and a prefix only.
+    let db = std::fs::read(&t.stack.db).unwrap();
+    let wal = std::fs::read(t.stack.db.with_extension("db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+    }
+}
+
+#[test]
+fn fails_closed_on_a_slow_or_garbage_speaking_service() {
+    use dialtone_e2e::{Fault, FaultServer};
+    use std::time::{Duration, Instant};
+    let mut t = TestStack::start("faults");
+    t.stack.create_account(USER, 10).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let token = t.privy_token(USER);
+    let port = t.stack.opts.ports.credits;
+    let timeout_ms = t.stack.opts.plugin_config["credits_service"]["timeout_ms"].as_u64().unwrap();
+    t.stack.stop_credits();
+
+    for fault in [Fault::Slow(Duration::from_millis(timeout_ms * 3)), Fault::ServerError, Fault::Garbage, Fault::Huge(200_000), Fault::Reset] {
+        let _server = FaultServer::start(port, fault);
+        for auth in [&key, &token] {
+            let started = Instant::now();
+            let r = t.post(SMS, &[("authorization", &bearer(auth))], SMS_BODY);
+            assert_eq!(r.status, 503, "{fault:?}: {}", r.body);
+            assert_eq!(r.body, r#"{"success":false,"error":"credits_unavailable"}"#, "{fault:?}");
+            // The callout timeout bounds the wait (generous margin: this is
+            // about not hanging, not about speed).
+            assert!(started.elapsed() < Duration::from_millis(timeout_ms + 2000), "{fault:?} took {:?}", started.elapsed());
+        }
+    }
+    // The VM survived every fault: with the real service back, the next
+    // paid request is served and charged exactly once.
+    t.stack.start_credits().unwrap();
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY));
+    assert_eq!(t.stack.balance(USER).unwrap(), 8);
+}
