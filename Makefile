@@ -8,7 +8,7 @@ ENVOY_VERSION := 1.40.0
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 WASM_TARGET   := wasm32-wasip1
-WASM          := target/$(WASM_TARGET)/release/dialtone.wasm
+WASM          := target/$(WASM_TARGET)/wasm-release/dialtone.wasm
 CARGO         ?= cargo
 PYTHON        ?= python3
 
@@ -35,7 +35,7 @@ wasm-target:
 # --- builds -----------------------------------------------------------------
 
 wasm: wasm-target
-	$(CARGO) build --release --target $(WASM_TARGET) -p dialtone --lib
+	$(CARGO) build --profile wasm-release --target $(WASM_TARGET) -p dialtone --lib
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
 build: wasm
@@ -49,7 +49,7 @@ size: wasm
 # Clippy denies unwrap/expect/panic (and, in the filter, unchecked indexing)
 # outside tests; the filter is checked as it ships, for wasm32.
 lint: wasm-target
-	$(CARGO) clippy --release --target $(WASM_TARGET) -p dialtone --lib -- -D warnings
+	$(CARGO) clippy --profile wasm-release --target $(WASM_TARGET) -p dialtone --lib -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Native unit tests, the conformance vectors (../shared/testdata) and the

@@ -57,7 +57,13 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Without a valid config Envoy does not create contexts; if it ever
         // does, fail closed rather than pass traffic unchecked.
-        Some(Box::new(Gate { context_id, config: self.config.clone(), pending: None, call_token: None }))
+        Some(Box::new(Gate {
+            context_id,
+            config: self.config.clone(),
+            pending: None,
+            call_token: None,
+            request_id: String::new(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -70,6 +76,9 @@ struct Gate {
     config: Option<Rc<Config>>,
     pending: Option<Pending>,
     call_token: Option<u32>,
+    /// `x-request-id` (or our stand-in): the debit idempotency key derives
+    /// from it, and the callouts carry it for tracing.
+    request_id: String,
 }
 
 fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
@@ -113,16 +122,12 @@ impl Gate {
                 Action::Pause
             }
             Decision::Call(call, pending) => {
-                let request_id = self
-                    .get_http_request_header_bytes("x-request-id")
-                    .and_then(|v| String::from_utf8(v).ok())
-                    .unwrap_or_default();
                 let headers = vec![
                     (":method", "POST"),
                     (":path", call.path.as_str()),
                     (":authority", cfg.service.authority.as_str()),
                     ("content-type", "application/json"),
-                    ("x-request-id", request_id.as_str()),
+                    ("x-request-id", self.request_id.as_str()),
                 ];
                 match self.dispatch_http_call(
                     &cfg.service.cluster,
@@ -217,12 +222,14 @@ impl HttpContext for Gate {
         let path = header_str(&headers, ":path");
         let scheme = header_str(&headers, ":scheme");
         let authority = header_str(&headers, ":authority");
-        let mut request_id = header_str(&headers, "x-request-id");
-        if request_id.is_empty() {
+        self.request_id = header_str(&headers, "x-request-id");
+        if self.request_id.is_empty() {
             // Envoy always sets one unless told not to; without it, make one
             // that is unique per request on this VM.
-            request_id = format!("dialtone-{}-{}", self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0), self.context_id);
+            let nanos = self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            self.request_id = format!("dialtone-{nanos}-{}", self.context_id);
         }
+        let request_id = self.request_id.clone();
         let req = Request {
             method: &method,
             path: &path,

