@@ -1,6 +1,6 @@
 //! Shared fixtures for the harness suites: the compiled filter (loaded once
 //! per test binary), a test signing key, and the demo policy pointed at it.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::OnceLock;
 
