@@ -28,3 +28,45 @@ fn example_policy_case_files_pass() {
     assert!(failures.is_empty(), "{} of {count} cases failed:\n{}", failures.len(), failures.join("\n"));
     assert!(count >= 20, "only {count} cases");
 }
+
+/// The runner reports what differed, for every kind of expectation.
+#[test]
+fn the_runner_reports_differences() {
+    let dir = std::env::temp_dir().join(format!("dialtone-cases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wrong.cases.yaml");
+    let config = common::demo_config();
+    let yaml = format!(
+        r#"
+config: {config}
+cases:
+  - name: wrong status
+    request: {{ path: /healthz }}
+    expect: {{ status: 401 }}
+  - name: wrong body field and missing callout
+    request: {{ method: POST, path: /api/v1/sms/send, headers: {{ authorization: "Bearer {key}" }} }}
+    callouts:
+      - expect: {{ path: /v1/keys/lookup, body: {{ key_sha256: "0000" }}, body_absent: ["{sha}"] }}
+        respond: {{ status: 404, body: {{ error: key_not_found }} }}
+      - respond: timeout
+    expect: {{ status: 401, body: {{ error: forbidden }} }}
+  - name: unexpected callout and upstream header
+    request: {{ method: POST, path: /api/v1/sms/send, headers: {{ authorization: "Bearer {key}" }} }}
+    expect: {{ status: 200, upstream_headers: {{ x-dialtone-account: someone }} }}
+"#,
+        config = config,
+        key = common::API_KEY,
+        sha = dialtone::bearer::sha256_hex(common::API_KEY.as_bytes()),
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let results = cases::run_file(common::wasm(), &file).unwrap();
+    let diffs: Vec<String> = results.iter().map(|r| r.diffs.join(" | ")).collect();
+    assert!(results.iter().all(|r| !r.passed()), "{diffs:?}");
+    assert!(diffs[0].contains("status: expected 401 (a local reply), but the request was passed upstream"), "{}", diffs[0]);
+    assert!(diffs[1].contains("callout #1 body.key_sha256: expected \"0000\""), "{}", diffs[1]);
+    assert!(diffs[1].contains("which must not leave the filter"), "{}", diffs[1]);
+    assert!(diffs[1].contains("body.error: expected \"forbidden\", got \"unauthorized\""), "{}", diffs[1]);
+    assert!(diffs[1].contains("expected 2 callouts, the filter made 1"), "{}", diffs[1]);
+    assert!(diffs[2].contains("unexpected callout #1"), "{}", diffs[2]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
