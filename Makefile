@@ -12,12 +12,12 @@ WASM          := target/$(WASM_TARGET)/wasm-release/dialtone.wasm
 CARGO         ?= cargo
 PYTHON        ?= python3
 
-.PHONY: run test build wasm envoy wasm-target lint unit e2e clean size
+.PHONY: run test build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e package clean size
 
 run: build envoy
 	./target/release/dialtone-devstack run
 
-test: build envoy lint unit e2e
+test: build envoy lint unit harness cases policy-check deploy-check e2e
 	@echo "make test: all suites passed (.wasm: $$(stat -c %s $(WASM)) bytes)"
 
 # --- installs ---------------------------------------------------------------
@@ -39,7 +39,7 @@ wasm: wasm-target
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
 build: wasm
-	$(CARGO) build --release -p dialtone-credits -p dialtone-devstack
+	$(CARGO) build --release -p dialtone-credits -p dialtone-devstack -p dialtone-harness -p dialtone-policy -p dialtone-deploy
 
 size: wasm
 	@stat -c '%s bytes  %n' $(WASM)
@@ -56,6 +56,29 @@ lint: wasm-target
 # key/credits service's own suite.
 unit:
 	$(CARGO) test -p dialtone -p dialtone-credits -p dialtone-devstack
+
+# The compiled .wasm in the wasm test harness (wasmtime; no Envoy): the
+# filter's scenarios, and the example policies' case files.
+harness: wasm
+	$(CARGO) test -p dialtone-harness
+
+# What a platform team runs in its CI: the case runner on policies, one command.
+cases: build
+	./target/release/dialtone-harness run --wasm $(WASM) policy/examples/*.cases.yaml
+
+# Policy authoring: schema + validator tests, and every example validates.
+policy-check: build
+	$(CARGO) test -p dialtone-policy
+	./target/release/dialtone-policy validate $(filter-out %.cases.yaml,$(wildcard policy/examples/*.yaml))
+
+# Deployment: CRD-schema checks of the Istio/Envoy Gateway manifests, their
+# embedded policies, `envoy --mode validate`, the OCI packaging.
+deploy-check: build envoy
+	$(CARGO) test -p dialtone-deploy
+
+# The .wasm, its SHA-256 and an OCI image layout (docs/packaging.md).
+package: build
+	./target/release/dialtone-deploy package --wasm $(WASM) --out target/package
 
 # A real Envoy loading the built .wasm, in front of the real service.
 e2e: build envoy

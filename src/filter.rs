@@ -63,6 +63,7 @@ impl RootContext for Root {
             pending: None,
             call_token: None,
             request_id: String::new(),
+            released: false,
         }))
     }
 
@@ -79,6 +80,12 @@ struct Gate {
     /// `x-request-id` (or our stand-in): the debit idempotency key derives
     /// from it, and the callouts carry it for tracing.
     request_id: String,
+    /// The request was allowed upstream. Until then every body and trailer
+    /// callback answers Pause. Envoy's proxy-wasm host already holds the body
+    /// of a request whose headers are paused (it turns Pause into
+    /// StopAllIterationAndWatermark), but a host that delivered the body
+    /// would otherwise continue the request, unpaid: defence in depth.
+    released: bool,
 }
 
 fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
@@ -115,6 +122,7 @@ impl Gate {
                     grant.identity.key_prefix.as_deref().unwrap_or("-"),
                     grant.identity.charged
                 );
+                self.released = true;
                 Action::Continue
             }
             Decision::Deny(denial) => {
@@ -242,5 +250,22 @@ impl HttpContext for Gate {
         };
         let decision = decision::decide(&cfg, &req, self.now());
         self.apply(&cfg, decision)
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // Buffer the body while the decision is pending (or after a refusal).
+        if self.released {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.released {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
     }
 }

@@ -17,6 +17,7 @@ use crate::http::{Handler, Reply, RequestCtx, RunningServer};
 use crate::keys;
 use crate::store::{Store, StoreError};
 use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -36,9 +37,37 @@ pub fn start(
     store: SharedStore,
     clock: Clock,
 ) -> io::Result<RunningServer> {
-    let handler: Handler = Arc::new(move |req: &RequestCtx| handle(&store, &*clock, req));
+    // What reached the upstream, newest last: tests read it (directly on this
+    // port, never through the filter) to prove a refused request never
+    // arrived here.
+    let seen: Arc<Mutex<VecDeque<Value>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let handler: Handler = Arc::new(move |req: &RequestCtx| {
+        if req.path == REQUEST_LOG_PATH {
+            let log = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            return Reply::ok(Value::Array(log.iter().cloned().collect()));
+        }
+        {
+            let mut log = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if log.len() == REQUEST_LOG_LEN {
+                log.pop_front();
+            }
+            let header = |n: &str| req.header(n).map(|v| Value::String(v.to_owned())).unwrap_or(Value::Null);
+            log.push_back(json!({
+                "method": req.method,
+                "path": req.path,
+                "account": header("x-dialtone-account"),
+                "route": header("x-dialtone-route"),
+                "body_bytes": req.body.len(),
+            }));
+        }
+        handle(&store, &*clock, req)
+    });
     RunningServer::start(listen, workers, "upstream", handler)
 }
+
+/// `GET` here on the upstream's own port lists the requests it received.
+pub const REQUEST_LOG_PATH: &str = "/_demo/requests";
+const REQUEST_LOG_LEN: usize = 1000;
 
 fn fail(status: u16, error: &str, message: Option<String>) -> Reply {
     let mut body = json!({ "success": false, "error": error });

@@ -297,6 +297,13 @@ impl Stack {
         self.cli(&["account", "create", account, "--credits", &credits.to_string()]).map(|_| ())
     }
 
+    /// Requests the demo upstream received (read on its own port, not through Envoy).
+    pub fn upstream_requests(&self) -> Result<Vec<Value>, String> {
+        let url = format!("http://127.0.0.1:{}/_demo/requests", self.opts.ports.upstream);
+        let v: Value = ureq::get(&url).call().map_err(|e| e.to_string())?.into_json().map_err(|e| e.to_string())?;
+        v.as_array().cloned().ok_or_else(|| format!("not a list: {v}"))
+    }
+
     /// The account's balance, read from the service's own API.
     pub fn balance(&self, account: &str) -> Result<i64, String> {
         let url = format!("{}/v1/accounts/{}", self.credits_url(), account.replace(':', "%3A"));

@@ -349,11 +349,18 @@ impl HttpStream<'_> {
         self.send_request_headers(&raw, true)
     }
 
-    /// Sends a request body chunk.
+    /// Sends a request body chunk. Like Envoy (whose proxy-wasm host turns a
+    /// paused `on_request_headers` into StopAllIterationAndWatermark), the
+    /// body of a request whose headers are paused is buffered, not shown to
+    /// the filter; it is delivered, whole, once the filter resumes the request.
     pub fn send_request_body(&mut self, body: &[u8], end_of_stream: bool) -> Result<Action> {
         let id = self.id;
         if let Some(s) = self.plugin.store.data_mut().streams.get_mut(&id) {
             s.request_body.extend_from_slice(body);
+        }
+        let headers_paused = self.headers_action == Some(Action::Pause) && !self.stream().is_some_and(|s| s.request_resumed);
+        if headers_paused || self.local_reply().is_some() {
+            return Ok(Action::Pause);
         }
         let size = self.stream().map(|s| s.request_body.len()).unwrap_or(0) as i32;
         self.plugin.store.data_mut().effective_context = id;

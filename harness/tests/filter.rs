@@ -486,3 +486,28 @@ fn a_jwks_selects_keys_by_kid() {
         s.close().unwrap();
     }
 }
+
+/// A request with a body: the body waits while the callouts are in flight
+/// (as in Envoy), a refused request never continues, and a paid one does.
+#[test]
+fn a_request_body_waits_for_the_decision() {
+    let mut p = demo();
+    let auth = format!("Bearer {API_KEY}");
+    let headers = request("POST", SMS, &[("authorization", &auth), ("content-type", "application/json")]);
+    let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    let mut s = p.http().unwrap();
+    assert_eq!(s.send_request_headers(&raw, false).unwrap(), Action::Pause);
+    assert_eq!(s.send_request_body(b"{\"to\":", false).unwrap(), Action::Pause);
+    s.answer_next(key_record(&["sms:send"], "active", 0)).unwrap();
+    s.answer_next(broke(0, 1)).unwrap();
+    assert_eq!(s.local_reply().map(|r| r.status), Some(402));
+    assert_eq!(s.send_request_body(b"\"+1\"}", true).unwrap(), Action::Pause);
+    assert!(!matches!(s.outcome(), Outcome::Passed(_)));
+
+    let mut s = p.http().unwrap();
+    assert_eq!(s.send_request_headers(&raw, false).unwrap(), Action::Pause);
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    s.answer_next(charged(1, 4)).unwrap();
+    assert!(matches!(s.outcome(), Outcome::Passed(_)));
+    assert_eq!(s.send_request_body(b"{}", true).unwrap(), Action::Continue);
+}

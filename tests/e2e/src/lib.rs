@@ -278,3 +278,12 @@ fn read_request(conn: &mut TcpStream) -> std::io::Result<()> {
         }
     }
 }
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        // Keep the logs of a failed test for a look; tidy up after a pass.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.stack.opts.run_dir);
+        }
+    }
+}

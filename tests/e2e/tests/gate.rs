@@ -394,3 +394,32 @@ fn fails_closed_on_a_slow_or_garbage_speaking_service() {
     sms_ok(&t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY));
     assert_eq!(t.stack.balance(USER).unwrap(), 8);
 }
+
+/// Envoy continues a stopped request when its body arrives unless the filter
+/// keeps buffering: a refused or unpaid POST with a body must never reach
+/// the upstream, not even while the callouts are in flight.
+#[test]
+fn a_refused_request_with_a_body_never_reaches_the_upstream() {
+    let t = TestStack::start("bodies");
+    t.stack.create_account("did:privy:broke", 0).unwrap();
+    let broke = t.stack.create_key("did:privy:broke", &["sms:send"], &[]).unwrap();
+    t.stack.create_account(USER, 1).unwrap();
+    let noscope = t.stack.create_key(USER, &["contacts_read"], &[]).unwrap();
+    let big = format!(r#"{{"to":"+18148835337","message":"{}"}}"#, "x".repeat(60_000));
+    for (auth, status) in [(&broke, 402), (&noscope, 403)] {
+        let r = t.post("/echo/paid/body", &[("authorization", &bearer(auth)), ("content-type", "application/json")], &big);
+        assert_eq!(r.status, status, "{}", r.body);
+    }
+    let seen = t.stack.upstream_requests().unwrap();
+    assert!(seen.iter().all(|r| r["path"] != "/echo/paid/body"), "a refused request reached the upstream: {seen:?}");
+    // A paid one arrives whole, with its identity.
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    let r = t.post("/echo/paid/body", &[("authorization", &bearer(&key)), ("content-type", "application/json")], &big);
+    assert_eq!(r.status, 200, "{}", &r.body[..200.min(r.body.len())]);
+    let seen = t.stack.upstream_requests().unwrap();
+    let arrived: Vec<&Value> = seen.iter().filter(|r| r["path"] == "/echo/paid/body").collect();
+    assert_eq!(arrived.len(), 1, "{seen:?}");
+    assert_eq!(arrived[0]["account"], USER);
+    assert_eq!(arrived[0]["body_bytes"], big.len());
+    assert_eq!(t.stack.balance(USER).unwrap(), 0);
+}
