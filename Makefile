@@ -69,7 +69,7 @@ cases: build
 # Policy authoring: schema + validator tests, and every example validates.
 policy-check: build
 	$(CARGO) test -p dialtone-policy
-	./target/release/dialtone-policy validate $(filter-out %.cases.yaml,$(wildcard policy/examples/*.yaml))
+	./target/release/dialtone-policy validate policy/demo.json $(filter-out %.cases.yaml,$(wildcard policy/examples/*.yaml))
 
 # Deployment: CRD-schema checks of the Istio/Envoy Gateway manifests, their
 # embedded policies, `envoy --mode validate`, the OCI packaging.

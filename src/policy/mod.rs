@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::bearer::{self, DEFAULT_MAX_TOKEN_BYTES};
 use crate::privy_jwt::{self, EsKey, PrivyVerifier};
-use path::PathMatcher;
+use path::{PathError, PathMatcher};
 pub use raw::{PaymentMode, RawConfig, Unmatched, X402Accept};
 use sha2::{Digest, Sha256};
 
@@ -142,6 +142,73 @@ pub fn is_scope(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'-'))
 }
 
+fn is_visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// What is wrong with one x402 payment option (field, problem).
+fn x402_problems(a: &X402Accept) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if a.scheme.trim().is_empty() {
+        out.push(("scheme", "must name the x402 scheme (e.g. \"exact\")"));
+    }
+    // CAIP-2: namespace:reference, e.g. eip155:8453.
+    let caip2 = a.network.split_once(':').is_some_and(|(ns, r)| {
+        !ns.is_empty() && !r.is_empty() && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    });
+    if !caip2 {
+        out.push(("network", "must be a CAIP-2 network id such as \"eip155:8453\""));
+    }
+    if a.amount.is_empty() || !a.amount.bytes().all(|b| b.is_ascii_digit()) || a.amount.bytes().all(|b| b == b'0') {
+        out.push(("amount", "must be a positive whole number of the asset's atomic units, as a string"));
+    }
+    if a.asset.trim().is_empty() {
+        out.push(("asset", "must name the asset (e.g. a token contract address)"));
+    }
+    if a.pay_to.trim().is_empty() {
+        out.push(("payTo", "must be the address that receives the payment"));
+    }
+    if a.max_timeout_seconds == 0 {
+        out.push(("maxTimeoutSeconds", "must be at least 1"));
+    }
+    out
+}
+
+/// Does `earlier` match every request `later` could match?
+fn shadows(earlier: &Route, later: &Route) -> bool {
+    let methods_covered = match (&earlier.methods, &later.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => l.iter().all(|m| e.contains(m)),
+    };
+    if !methods_covered {
+        return false;
+    }
+    match (&earlier.path, &later.path) {
+        (PathMatcher::Exact(e), PathMatcher::Exact(l)) => e == l,
+        (PathMatcher::Prefix(p), PathMatcher::Exact(l) | PathMatcher::Prefix(l)) => l.starts_with(p.as_str()),
+        (PathMatcher::Prefix(p), PathMatcher::Template(segs)) => {
+            // The template's literal start, up to its first variable.
+            let mut lit = String::new();
+            for s in segs {
+                match s {
+                    path::Segment::Literal(l) => {
+                        lit.push('/');
+                        lit.push_str(l);
+                    }
+                    path::Segment::Variable(_) => {
+                        lit.push('/');
+                        break;
+                    }
+                }
+            }
+            lit.starts_with(p.as_str())
+        }
+        (PathMatcher::Template(a), PathMatcher::Template(b)) => a == b,
+        _ => false,
+    }
+}
+
 fn is_method(s: &str) -> bool {
     !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_uppercase())
 }
@@ -152,8 +219,13 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
 
     // Credits service.
     let s = &raw.credits_service;
-    if s.cluster.trim().is_empty() {
-        err("$.credits_service.cluster".into(), "must name the Envoy cluster of the key/credits service".into());
+    if s.cluster.is_empty() || !is_visible_ascii(&s.cluster) {
+        err("$.credits_service.cluster".into(), "must name the Envoy cluster of the key/credits service (visible ASCII, no spaces)".into());
+    }
+    if let Some(a) = &s.authority {
+        if a.is_empty() || !is_visible_ascii(a) {
+            err("$.credits_service.authority".into(), "must be a host[:port] (visible ASCII, no spaces)".into());
+        }
     }
     // Envoy treats a 0 ms callout timeout as "no timeout": never allow it.
     if !(1..=60_000).contains(&s.timeout_ms) {
@@ -198,7 +270,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         if p.app_id.trim().is_empty() {
             err("$.privy.app_id".into(), "must be the Privy app id (the token audience)".into());
         }
-        if p.issuer.is_empty() {
+        if p.issuer.trim().is_empty() {
             err("$.privy.issuer".into(), "must not be empty".into());
         }
         if !(0..=600).contains(&p.leeway_seconds) {
@@ -254,10 +326,19 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             for (j, m) in ms.iter().enumerate() {
                 if !is_method(m) {
                     err(format!("$.routes[{i}].methods[{j}]"), format!("{m:?} is not an upper-case HTTP method"));
+                } else if ms.iter().take(j).any(|o| o == m) {
+                    err(format!("$.routes[{i}].methods[{j}]"), format!("{m:?} is listed twice"));
                 }
             }
         }
         let path = match &r.path {
+            // `{id}` in an exact or prefix path would be matched literally and never hit.
+            raw::RawPath::Exact(p) if p.contains(['{', '}']) => {
+                Err((at("path.exact"), PathError::BracesOutsideTemplate))
+            }
+            raw::RawPath::Prefix(p) if p.contains(['{', '}']) => {
+                Err((at("path.prefix"), PathError::BracesOutsideTemplate))
+            }
             raw::RawPath::Exact(p) => PathMatcher::exact(p).map_err(|e| (at("path.exact"), e)),
             raw::RawPath::Prefix(p) => PathMatcher::prefix(p).map_err(|e| (at("path.prefix"), e)),
             raw::RawPath::Template(p) => PathMatcher::template(p).map_err(|e| (at("path.template"), e)),
@@ -275,6 +356,11 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             }
         }
         let modes = r.payment.clone().unwrap_or_else(|| vec![PaymentMode::Credits]);
+        for (j, m) in modes.iter().enumerate() {
+            if modes.iter().take(j).any(|o| o == m) {
+                err(format!("$.routes[{i}].payment[{j}]"), format!("{m:?} is listed twice"));
+            }
+        }
         let credits = modes.contains(&PaymentMode::Credits);
         let takes_x402 = modes.contains(&PaymentMode::X402);
         if r.public {
@@ -295,6 +381,13 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 (None, true) => err(at("x402"), "payment includes \"x402\": describe the payment requirements here".into()),
                 (Some(_), false) => err(at("x402"), "x402 requirements given but payment does not include \"x402\"".into()),
                 (Some(x), true) if x.accepts.is_empty() => err(at("x402.accepts"), "needs at least one payment option".into()),
+                (Some(x), true) => {
+                    for (j, a) in x.accepts.iter().enumerate() {
+                        for (field, problem) in x402_problems(a) {
+                            err(format!("$.routes[{i}].x402.accepts[{j}].{field}"), problem.into());
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -316,6 +409,17 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             });
         }
     }
+    // A route an earlier route always matches first can never be reached.
+    for (j, later) in routes.iter().enumerate() {
+        if let Some(earlier) = routes.iter().take(j).find(|e| shadows(e, later)) {
+            let i = raw.routes.iter().position(|r| r.name == later.name).unwrap_or(j);
+            err(
+                format!("$.routes[{i}].path"),
+                format!("never matches: route {:?} comes first and matches every request this one would", earlier.name),
+            );
+        }
+    }
+
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -378,6 +482,35 @@ mod tests {
         assert!(paths.contains(&"$.routes[1].path.exact"), "{paths:?}");
         assert!(paths.contains(&"$.routes[2].public"), "{paths:?}");
         assert!(paths.contains(&"$.routes[3].x402"), "{paths:?}");
+    }
+
+    #[test]
+    fn refuses_what_would_silently_never_work() {
+        let x = r#""x402":{"accepts":[{"scheme":"exact","network":"base","amount":"1.5","asset":"","payTo":" ","maxTimeoutSeconds":0}]}"#;
+        let e = errors(&format!(
+            r#"{{"credits_service":{{"cluster":"c","authority":"a b"}},"routes":[
+                {{"name":"a","path":{{"exact":"/k/{{id}}"}}}},
+                {{"name":"b","methods":["GET","GET"],"path":{{"prefix":"/api/"}},"payment":["credits","credits"]}},
+                {{"name":"c","methods":["GET"],"path":{{"exact":"/api/v1/x"}}}},
+                {{"name":"d","path":{{"template":"/api/v1/{{id}}"}},"payment":["x402"],{x}}}]}}"#
+        ));
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "$.credits_service.authority",
+            "$.routes[0].path.exact",
+            "$.routes[1].methods[1]",
+            "$.routes[1].payment[1]",
+            "$.routes[2].path",
+            "$.routes[3].x402.accepts[0].network",
+            "$.routes[3].x402.accepts[0].amount",
+            "$.routes[3].x402.accepts[0].asset",
+            "$.routes[3].x402.accepts[0].payTo",
+            "$.routes[3].x402.accepts[0].maxTimeoutSeconds",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        // Route d is shadowed only for GET: b takes GET only, d takes any method.
+        assert!(!paths.contains(&"$.routes[3].path"), "{paths:?}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum PathError {
     BadVariableName(String),
     DuplicateVariable(String),
     EmptySegment,
+    /// `{…}` in an exact or prefix path: it would be matched literally.
+    BracesOutsideTemplate,
 }
 
 impl std::fmt::Display for PathError {
@@ -36,6 +38,9 @@ impl std::fmt::Display for PathError {
             PathError::BadVariableName(s) => write!(f, "variable {s:?}: names are letters, digits and '_' and start with a letter or '_'"),
             PathError::DuplicateVariable(s) => write!(f, "variable {s:?} appears twice"),
             PathError::EmptySegment => write!(f, "empty segment ('//')"),
+            PathError::BracesOutsideTemplate => {
+                write!(f, "'{{' or '}}' would be matched literally here; use {{\"template\": …}} for path variables")
+            }
         }
     }
 }
