@@ -12,12 +12,12 @@ WASM          := target/$(WASM_TARGET)/wasm-release/dialtone.wasm
 CARGO         ?= cargo
 PYTHON        ?= python3
 
-.PHONY: run test build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e package clean size
+.PHONY: run test build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package clean size
 
 run: build envoy
 	./target/release/dialtone-devstack run
 
-test: build envoy lint unit harness cases policy-check deploy-check e2e
+test: build envoy lint unit harness cases policy-check deploy-check e2e pg
 	@echo "make test: all suites passed (.wasm: $$(stat -c %s $(WASM)) bytes)"
 
 # --- installs ---------------------------------------------------------------
@@ -79,6 +79,15 @@ deploy-check: build envoy
 # The .wasm, its SHA-256 and an OCI image layout (docs/packaging.md).
 package: build
 	./target/release/dialtone-deploy package --wasm $(WASM) --out target/package
+
+# The same money rules on PostgreSQL (Debian's packages, installed if
+# missing, started on loopback for the run and stopped after it): the
+# service's store suite, and the Envoy suite with two Envoys in front of two
+# service instances on one database.
+PG_DIR  := target/pg
+PG_PORT := 55432
+pg: build envoy
+	scripts/with-postgres.sh $(PG_DIR) $(PG_PORT) sh -c '$(CARGO) test -p dialtone-credits && $(CARGO) test -p dialtone-e2e --test credits'
 
 # A real Envoy loading the built .wasm, in front of the real service.
 e2e: build envoy

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bearer::KEY_PREFIX_LEN;
-use crate::policy::is_scope;
+use crate::policy::{is_scope, RateLimit};
 use crate::privy_jwt::is_header_safe;
 
 /// What came back from a callout, as the host reported it.
@@ -63,6 +63,34 @@ pub struct DebitRequest<'a> {
     pub route: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<&'a str>,
+    /// Checked first by the service: a rate-limited request is not charged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A hold (charge on success): same fields as a debit, plus its lifetime.
+#[derive(Serialize)]
+pub struct HoldRequest<'a> {
+    pub account: &'a str,
+    pub amount: u64,
+    pub idempotency_key: &'a str,
+    pub ttl_seconds: u64,
+    pub route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Serialize)]
+pub struct RateLimitRequest<'a> {
+    pub account: &'a str,
+    pub rate_limit: RateLimit,
+}
+
+#[derive(Serialize)]
+pub struct ReleaseRequest<'a> {
+    pub reason: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,6 +124,41 @@ pub enum Lookup {
 pub enum Debit {
     Charged { balance: i64 },
     Insufficient { balance: i64 },
+    RateLimited { retry_after: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    Held { hold_id: String, balance: i64 },
+    Insufficient { balance: i64 },
+    RateLimited { retry_after: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateCheck {
+    Allowed,
+    Limited { retry_after: u64 },
+}
+
+/// How a capture or release went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    Done,
+    /// Already settled the other way, or expired and released by the service.
+    NotOpen,
+}
+
+/// A failure of the transport rather than an answer of the service: no
+/// answer at all, or Envoy's own 503/504 (connect failure, reset, overflow,
+/// timeout), whose body is not the service's JSON. Every call in this
+/// contract is idempotent (lookups by nature, holds and debits by their
+/// idempotency key, capture/release by hold id), so one retry is safe.
+pub fn is_transport_failure(outcome: &CallOutcome) -> bool {
+    match outcome {
+        CallOutcome::Failed => true,
+        CallOutcome::Answered { status: 503 | 504, body, .. } => body.first() != Some(&b'{'),
+        CallOutcome::Answered { .. } => false,
+    }
 }
 
 fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {
@@ -144,6 +207,101 @@ struct Refused {
     balance: i64,
 }
 
+#[derive(Deserialize)]
+struct Limited {
+    error: String,
+    retry_after_seconds: u64,
+}
+
+/// A 429 from the service: the account's request budget is spent.
+fn rate_limited(body: &[u8]) -> Result<u64, ServiceError> {
+    let l: Limited = serde_json::from_slice(body).map_err(|_| ServiceError::Garbage)?;
+    if l.error != "rate_limited" {
+        return Err(ServiceError::Garbage);
+    }
+    // At least one second; at most a day (a bigger answer is nonsense).
+    Ok(l.retry_after_seconds.clamp(1, 86_400))
+}
+
+/// Hold ids go into a callout path: keep them to a safe alphabet.
+fn valid_hold_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Deserialize)]
+struct Held {
+    hold_id: String,
+    account: String,
+    amount: u64,
+    balance: i64,
+}
+
+/// Parses a hold answer for a hold of `amount` on `account`.
+pub fn parse_hold(outcome: CallOutcome, account: &str, amount: u64) -> Result<Hold, ServiceError> {
+    let (status, body) = answered(outcome)?;
+    match status {
+        200 | 201 => {
+            let h: Held = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            if !valid_hold_id(&h.hold_id) {
+                return Err(ServiceError::Garbage);
+            }
+            if h.account != account || h.amount != amount || h.balance < 0 {
+                return Err(ServiceError::Inconsistent);
+            }
+            Ok(Hold::Held { hold_id: h.hold_id, balance: h.balance })
+        }
+        402 => {
+            let r: Refused = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            if r.error != "insufficient_credits" || r.balance < 0 {
+                return Err(ServiceError::Garbage);
+            }
+            Ok(Hold::Insufficient { balance: r.balance })
+        }
+        429 => Ok(Hold::RateLimited { retry_after: rate_limited(&body)? }),
+        409 => Err(ServiceError::Inconsistent),
+        other => Err(ServiceError::Status(other)),
+    }
+}
+
+pub fn parse_ratelimit(outcome: CallOutcome) -> Result<RateCheck, ServiceError> {
+    #[derive(Deserialize)]
+    struct Allowed {
+        allowed: bool,
+    }
+    let (status, body) = answered(outcome)?;
+    match status {
+        200 => {
+            let a: Allowed = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            if !a.allowed {
+                return Err(ServiceError::Garbage);
+            }
+            Ok(RateCheck::Allowed)
+        }
+        429 => Ok(RateCheck::Limited { retry_after: rate_limited(&body)? }),
+        other => Err(ServiceError::Status(other)),
+    }
+}
+
+/// Parses the answer to a capture or release of `hold_id`.
+pub fn parse_settlement(outcome: CallOutcome, hold_id: &str) -> Result<Settlement, ServiceError> {
+    #[derive(Deserialize)]
+    struct Settled {
+        hold_id: String,
+    }
+    let (status, body) = answered(outcome)?;
+    match status {
+        200 => {
+            let s: Settled = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            if s.hold_id != hold_id {
+                return Err(ServiceError::Inconsistent);
+            }
+            Ok(Settlement::Done)
+        }
+        409 => Ok(Settlement::NotOpen),
+        other => Err(ServiceError::Status(other)),
+    }
+}
+
 /// Parses a debit answer for a debit of `amount` from `account`.
 pub fn parse_debit(outcome: CallOutcome, account: &str, amount: u64) -> Result<Debit, ServiceError> {
     let (status, body) = answered(outcome)?;
@@ -162,6 +320,7 @@ pub fn parse_debit(outcome: CallOutcome, account: &str, amount: u64) -> Result<D
             }
             Ok(Debit::Insufficient { balance: r.balance })
         }
+        429 => Ok(Debit::RateLimited { retry_after: rate_limited(&body)? }),
         409 => Err(ServiceError::Inconsistent),
         other => Err(ServiceError::Status(other)),
     }
@@ -228,5 +387,48 @@ mod tests {
         assert_eq!(parse_debit(ok(200, "{}"), a, 1), Err(ServiceError::Garbage));
         assert_eq!(parse_debit(ok(402, "{}"), a, 1), Err(ServiceError::Garbage));
         assert_eq!(parse_debit(ok(504, ""), a, 1), Err(ServiceError::Status(504)));
+        assert_eq!(
+            parse_debit(ok(429, r#"{"error":"rate_limited","retry_after_seconds":3}"#), a, 1),
+            Ok(Debit::RateLimited { retry_after: 3 })
+        );
+        assert_eq!(parse_debit(ok(429, "slow down"), a, 1), Err(ServiceError::Garbage));
+    }
+
+    #[test]
+    fn transport_failures_are_told_from_answers() {
+        assert!(is_transport_failure(&CallOutcome::Failed));
+        assert!(is_transport_failure(&ok(503, "upstream connect error or disconnect/reset before headers")));
+        assert!(is_transport_failure(&ok(504, "upstream request timeout")));
+        assert!(!is_transport_failure(&ok(503, r#"{"error":"maintenance"}"#)));
+        assert!(!is_transport_failure(&ok(500, "oops")));
+        assert!(!is_transport_failure(&ok(402, "{}")));
+    }
+
+    #[test]
+    fn hold_and_settlement_answers() {
+        let a = "did:privy:abc";
+        let held = r#"{"hold_id":"hold_0123abcd","account":"did:privy:abc","amount":2,"balance":8,"expires_at":1,"replayed":false}"#;
+        assert_eq!(parse_hold(ok(200, held), a, 2), Ok(Hold::Held { hold_id: "hold_0123abcd".into(), balance: 8 }));
+        assert_eq!(parse_hold(ok(200, held), a, 3), Err(ServiceError::Inconsistent));
+        let evil = held.replace("hold_0123abcd", "../../v1/debit");
+        assert_eq!(parse_hold(ok(200, &evil), a, 2), Err(ServiceError::Garbage));
+        assert_eq!(
+            parse_hold(ok(402, r#"{"error":"insufficient_credits","balance":1,"required":2}"#), a, 2),
+            Ok(Hold::Insufficient { balance: 1 })
+        );
+        assert_eq!(
+            parse_hold(ok(429, r#"{"error":"rate_limited","retry_after_seconds":0}"#), a, 2),
+            Ok(Hold::RateLimited { retry_after: 1 })
+        );
+        assert_eq!(parse_hold(CallOutcome::Failed, a, 2), Err(ServiceError::Unavailable));
+        assert_eq!(parse_settlement(ok(200, r#"{"hold_id":"h1","state":"captured"}"#), "h1"), Ok(Settlement::Done));
+        assert_eq!(parse_settlement(ok(409, r#"{"error":"hold_not_open"}"#), "h1"), Ok(Settlement::NotOpen));
+        assert_eq!(parse_settlement(ok(200, r#"{"hold_id":"h2"}"#), "h1"), Err(ServiceError::Inconsistent));
+        assert_eq!(parse_ratelimit(ok(200, r#"{"allowed":true,"remaining":3}"#)), Ok(RateCheck::Allowed));
+        assert_eq!(
+            parse_ratelimit(ok(429, r#"{"error":"rate_limited","retry_after_seconds":7}"#)),
+            Ok(RateCheck::Limited { retry_after: 7 })
+        );
+        assert_eq!(parse_ratelimit(ok(200, r#"{"allowed":false}"#)), Err(ServiceError::Garbage));
     }
 }

@@ -6,10 +6,13 @@
 //! resumed with [`resume`].
 
 use crate::bearer::{self, Credential, KeyCredential};
-use crate::credits_api::{self, CallOutcome, Debit, DebitRequest, KeyState, Lookup, LookupRequest, ServiceError};
+use crate::credits_api::{
+    self, CallOutcome, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest, RateCheck,
+    RateLimitRequest, ReleaseRequest, ServiceError,
+};
 use crate::denial::{AuthFailure, Denial};
 use crate::identity::{AuthMethod, Identity};
-use crate::policy::{Config, Route, Unmatched};
+use crate::policy::{Charge, Config, Route, Unmatched};
 
 /// The name of the cookie Privy's HttpOnly-cookie mode uses.
 pub const PRIVY_COOKIE: &str = "privy-token";
@@ -47,6 +50,8 @@ pub struct Grant {
     pub identity: Identity,
     /// The matched route's name (`None` for unmatched requests let through).
     pub route: Option<String>,
+    /// A hold to settle when the upstream answers (charge on success).
+    pub hold: Option<String>,
 }
 
 /// One HTTP callout to the key/credits service.
@@ -61,6 +66,8 @@ pub struct ServiceCall {
 pub enum Pending {
     Lookup { route: usize, prefix: String, idempotency_key: String },
     Debit { route: usize, identity: Identity, amount: u64 },
+    Hold { route: usize, identity: Identity, amount: u64 },
+    RateLimit { route: usize, identity: Identity },
 }
 
 /// First decision, at request headers. `now` is the host clock in seconds.
@@ -73,7 +80,7 @@ pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
     else {
         return match cfg.unmatched {
             Unmatched::Deny => Decision::Deny(Denial::RouteNotAllowed),
-            Unmatched::Allow => Decision::Allow(Grant { identity: Identity::anonymous(), route: None }),
+            Unmatched::Allow => Decision::Allow(Grant { identity: Identity::anonymous(), route: None, hold: None }),
         };
     };
     if route.public {
@@ -185,9 +192,78 @@ pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) ->
                 Ok(Debit::Insufficient { balance }) => {
                     Decision::Deny(Denial::InsufficientCredits { credits: balance, required: amount })
                 }
+                Ok(Debit::RateLimited { retry_after }) => Decision::Deny(Denial::RateLimited { retry_after }),
                 Err(e) => unavailable(e),
             }
         }
+        Pending::Hold { route: idx, mut identity, amount } => {
+            let Some(route) = cfg.routes.get(idx) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            let account = identity.account.clone().unwrap_or_default();
+            match credits_api::parse_hold(outcome, &account, amount) {
+                Ok(Hold::Held { hold_id, balance }) => {
+                    identity.credits_remaining = Some(balance);
+                    identity.charged = amount;
+                    Decision::Allow(Grant { identity, route: Some(route.name.clone()), hold: Some(hold_id) })
+                }
+                Ok(Hold::Insufficient { balance }) => {
+                    Decision::Deny(Denial::InsufficientCredits { credits: balance, required: amount })
+                }
+                Ok(Hold::RateLimited { retry_after }) => Decision::Deny(Denial::RateLimited { retry_after }),
+                Err(e) => unavailable(e),
+            }
+        }
+        Pending::RateLimit { route: idx, identity } => {
+            let Some(route) = cfg.routes.get(idx) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            match credits_api::parse_ratelimit(outcome) {
+                Ok(RateCheck::Allowed) => allow(route, identity),
+                Ok(RateCheck::Limited { retry_after }) => Decision::Deny(Denial::RateLimited { retry_after }),
+                Err(e) => unavailable(e),
+            }
+        }
+    }
+}
+
+/// What to do with the upstream's response once its hold was settled (or not).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterSettlement {
+    /// Let the response go to the client.
+    Deliver,
+    /// The capture was not confirmed: the client would be served unpaid (the
+    /// service releases an unsettled hold). Fail closed: replace the response.
+    Refuse(Denial),
+}
+
+/// Decides the response's fate from the capture or release answer.
+pub fn after_settlement(capturing: bool, result: Result<credits_api::Settlement, ServiceError>) -> AfterSettlement {
+    match (capturing, result) {
+        (true, Ok(credits_api::Settlement::Done)) | (false, _) => AfterSettlement::Deliver,
+        // Captured by nobody: expired and released, or settled the other way.
+        (true, Ok(credits_api::Settlement::NotOpen)) => {
+            AfterSettlement::Refuse(Denial::CreditsUnavailable(ServiceError::Inconsistent))
+        }
+        (true, Err(e)) => AfterSettlement::Refuse(Denial::CreditsUnavailable(e)),
+    }
+}
+
+/// Whether a settlement call is a capture.
+pub fn is_capture(call: &ServiceCall) -> bool {
+    call.path.ends_with("/capture")
+}
+
+/// Settles a hold once the upstream answered: capture on 2xx/3xx (the client
+/// got what it paid for), release on anything else or on no answer at all.
+pub fn settle(cfg: &Config, hold_id: &str, upstream_status: Option<u16>) -> ServiceCall {
+    let base = &cfg.service.holds_path;
+    match upstream_status {
+        Some(200..=399) => ServiceCall { path: format!("{base}/{hold_id}/capture"), body: b"{}".to_vec() },
+        _ => ServiceCall {
+            path: format!("{base}/{hold_id}/release"),
+            body: serde_json::to_vec(&ReleaseRequest { reason: "upstream_error" }).unwrap_or_default(),
+        },
     }
 }
 
@@ -206,24 +282,52 @@ fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, idempotency_key: St
     )
 }
 
-/// After authentication: debit the route's cost, or let a free route through.
+/// After authentication: hold or debit the route's cost (with the account's
+/// rate limit checked first by the service), or, on a free route, check the
+/// rate limit alone, or let it through.
 fn charge_or_allow(cfg: &Config, idx: usize, route: &Route, identity: Identity, idempotency_key: String) -> Decision {
-    if !(route.credits && route.cost > 0) {
-        return allow(route, identity);
-    }
     let account = identity.account.clone().unwrap_or_default();
-    let body = serde_json::to_vec(&DebitRequest {
-        account: &account,
-        amount: route.cost,
-        idempotency_key: &idempotency_key,
-        route: &route.name,
-        key_prefix: identity.key_prefix.as_deref(),
-    })
-    .unwrap_or_default();
-    Decision::Call(
-        ServiceCall { path: cfg.service.debit_path.clone(), body },
-        Pending::Debit { route: idx, identity, amount: route.cost },
-    )
+    if route.credits && route.cost > 0 {
+        let key_prefix = identity.key_prefix.as_deref();
+        let (path, body, pending) = match route.charge {
+            Charge::OnSuccess => (
+                cfg.service.holds_path.clone(),
+                serde_json::to_vec(&HoldRequest {
+                    account: &account,
+                    amount: route.cost,
+                    idempotency_key: &idempotency_key,
+                    ttl_seconds: cfg.service.hold_ttl_seconds,
+                    route: &route.name,
+                    key_prefix,
+                    rate_limit: cfg.rate_limit,
+                }),
+                Pending::Hold { route: idx, identity: identity.clone(), amount: route.cost },
+            ),
+            Charge::UpFront => (
+                cfg.service.debit_path.clone(),
+                serde_json::to_vec(&DebitRequest {
+                    account: &account,
+                    amount: route.cost,
+                    idempotency_key: &idempotency_key,
+                    route: &route.name,
+                    key_prefix,
+                    rate_limit: cfg.rate_limit,
+                }),
+                Pending::Debit { route: idx, identity: identity.clone(), amount: route.cost },
+            ),
+        };
+        return Decision::Call(ServiceCall { path, body: body.unwrap_or_default() }, pending);
+    }
+    match (cfg.rate_limit, identity.account.is_some()) {
+        (Some(rate_limit), true) => {
+            let body = serde_json::to_vec(&RateLimitRequest { account: &account, rate_limit }).unwrap_or_default();
+            Decision::Call(
+                ServiceCall { path: cfg.service.ratelimit_path.clone(), body },
+                Pending::RateLimit { route: idx, identity },
+            )
+        }
+        _ => allow(route, identity),
+    }
 }
 
 fn payment_required(offer: &crate::policy::X402Offer, req: &Request<'_>) -> Decision {
@@ -254,7 +358,7 @@ fn privy_cookie<'a>(cfg: &Config, req: &Request<'a>) -> Result<Option<&'a str>, 
 }
 
 fn allow(route: &Route, identity: Identity) -> Decision {
-    Decision::Allow(Grant { identity, route: Some(route.name.clone()) })
+    Decision::Allow(Grant { identity, route: Some(route.name.clone()), hold: None })
 }
 
 fn unauthorized(why: AuthFailure) -> Decision {
@@ -292,12 +396,13 @@ mod tests {
             "privy": {"app_id": "app-1", "verification_key": pem, "accept_cookie": true},
             "routes": [
                 {"name": "sms", "methods": ["POST"], "path": {"exact": "/sms"}, "scope": "sms:send", "cost": 2,
-                 "payment": ["credits", "x402"],
+                 "payment": ["credits", "x402"], "charge": "up_front",
                  "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "1000", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
                 {"name": "account", "methods": ["GET"], "path": {"exact": "/account"}},
                 {"name": "topup", "path": {"exact": "/topup"}, "payment": ["x402"],
                  "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "5", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
-                {"name": "health", "path": {"exact": "/healthz"}, "public": true}
+                {"name": "health", "path": {"exact": "/healthz"}, "public": true},
+                {"name": "report", "methods": ["POST"], "path": {"exact": "/report"}, "scope": "sms:send", "cost": 3}
             ]
         });
         Config::from_json(json.to_string().as_bytes(), Some(ADMIN)).unwrap()
@@ -339,6 +444,78 @@ mod tests {
             Decision::Deny(d) => d,
             other => panic!("expected a denial, got {other:?}"),
         }
+    }
+
+    fn with_rate_limit() -> Config {
+        let mut c = config();
+        c.rate_limit = Some(crate::policy::RateLimit { requests: 10, window_seconds: 60, burst: Some(5) });
+        c
+    }
+
+    #[test]
+    fn charge_on_success_holds_then_settles() {
+        let c = config();
+        let auth = format!("Bearer {API_KEY}");
+        let Decision::Call(_, pending) = decide(&c, &request("POST", "/report", Some(&auth)), NOW) else { panic!() };
+        let Decision::Call(hold, pending) = resume(&c, pending, answer(200, &record(r#"["sms:send"]"#, "active", 10)), NOW)
+        else {
+            panic!()
+        };
+        assert_eq!(hold.path, "/v1/holds");
+        let body: serde_json::Value = serde_json::from_slice(&hold.body).unwrap();
+        assert_eq!(body["amount"], 3);
+        assert_eq!(body["ttl_seconds"], 300);
+        assert_eq!(body["idempotency_key"], "report:req-1");
+        assert!(body.get("rate_limit").is_none());
+        let held = r#"{"hold_id":"hold_abc","account":"did:privy:owner","amount":3,"balance":7,"expires_at":0,"replayed":false}"#;
+        match resume(&c, pending.clone(), answer(200, held), NOW) {
+            Decision::Allow(g) => {
+                assert_eq!(g.hold.as_deref(), Some("hold_abc"));
+                assert_eq!((g.identity.charged, g.identity.credits_remaining), (3, Some(7)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let broke = r#"{"error":"insufficient_credits","balance":2,"required":3}"#;
+        assert_eq!(denial(resume(&c, pending, answer(402, broke), NOW)), Denial::InsufficientCredits { credits: 2, required: 3 });
+        // A capture that is not confirmed never lets the response through; a
+        // release that fails does (the response is already a failure).
+        use crate::credits_api::Settlement;
+        assert_eq!(after_settlement(true, Ok(Settlement::Done)), AfterSettlement::Deliver);
+        assert!(matches!(after_settlement(true, Ok(Settlement::NotOpen)), AfterSettlement::Refuse(_)));
+        assert!(matches!(after_settlement(true, Err(ServiceError::Unavailable)), AfterSettlement::Refuse(_)));
+        assert_eq!(after_settlement(false, Err(ServiceError::Unavailable)), AfterSettlement::Deliver);
+        // Settling: capture on 2xx/3xx, release on 5xx or no answer.
+        for (status, action) in [(Some(200), "capture"), (Some(302), "capture"), (Some(404), "release"), (Some(500), "release"), (None, "release")] {
+            assert_eq!(settle(&c, "hold_abc", status).path, format!("/v1/holds/hold_abc/{action}"), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_is_checked_by_the_service() {
+        let c = with_rate_limit();
+        let auth = format!("Bearer {}", privy_token(NOW + 3600));
+        // Free route: a rate-limit callout on its own.
+        let Decision::Call(call, pending) = decide(&c, &request("GET", "/account", Some(&auth)), NOW) else { panic!() };
+        assert_eq!(call.path, "/v1/ratelimit");
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(body, serde_json::json!({"account": "did:privy:u1", "rate_limit": {"requests": 10, "window_seconds": 60, "burst": 5}}));
+        assert!(matches!(resume(&c, pending.clone(), answer(200, r#"{"allowed":true,"remaining":4}"#), NOW), Decision::Allow(_)));
+        assert_eq!(
+            denial(resume(&c, pending, answer(429, r#"{"error":"rate_limited","retry_after_seconds":6}"#), NOW)),
+            Denial::RateLimited { retry_after: 6 }
+        );
+        // Paid route: folded into the hold, so still one callout.
+        let Decision::Call(call, pending) = decide(&c, &request("POST", "/report", Some(&auth)), NOW) else { panic!() };
+        assert_eq!(call.path, "/v1/holds");
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(body["rate_limit"]["burst"], 5);
+        assert_eq!(
+            denial(resume(&c, pending, answer(429, r#"{"error":"rate_limited","retry_after_seconds":2}"#), NOW)),
+            Denial::RateLimited { retry_after: 2 }
+        );
+        // Admin: no budget.
+        let admin = format!("Bearer {ADMIN}");
+        assert!(matches!(decide(&c, &request("GET", "/account", Some(&admin)), NOW), Decision::Allow(_)));
     }
 
     #[test]

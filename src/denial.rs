@@ -26,6 +26,8 @@ pub enum Denial {
     RouteNotAllowed,
     /// 503 `credits_unavailable`: fail closed.
     CreditsUnavailable(ServiceError),
+    /// 429 `rate_limited`: the account's shared budget is spent.
+    RateLimited { retry_after: u64 },
 }
 
 /// Why a credential was refused (the 401 cases).
@@ -104,6 +106,7 @@ impl Denial {
             Denial::PaymentRequired { .. } => "payment_required",
             Denial::RouteNotAllowed => "route_not_allowed",
             Denial::CreditsUnavailable(_) => "credits_unavailable",
+            Denial::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -156,6 +159,10 @@ impl Denial {
             }
             Denial::RouteNotAllowed => (403, json!({"success": false, "error": code})),
             Denial::CreditsUnavailable(_) => (503, json!({"success": false, "error": code})),
+            Denial::RateLimited { retry_after } => {
+                headers.push(("retry-after", retry_after.to_string()));
+                (429, json!({"success": false, "error": code}))
+            }
         };
         Reply { status, headers, body: body.to_string() }
     }
@@ -202,6 +209,14 @@ mod tests {
         let r = Denial::CreditsUnavailable(ServiceError::Unavailable).reply();
         assert_eq!(r.status, 503);
         assert_eq!(r.body, r#"{"success":false,"error":"credits_unavailable"}"#);
+    }
+
+    #[test]
+    fn rate_limited_has_retry_after() {
+        let r = Denial::RateLimited { retry_after: 7 }.reply();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.body, r#"{"success":false,"error":"rate_limited"}"#);
+        assert_eq!(header(&r, "retry-after"), Some("7"));
     }
 
     #[test]

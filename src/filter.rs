@@ -7,8 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::credits_api::{CallOutcome, ServiceError};
-use crate::decision::{self, Decision, Pending, Request};
+use crate::credits_api::{self, CallOutcome, ServiceError};
+use crate::decision::{self, Decision, Pending, Request, ServiceCall};
 use crate::denial::Denial;
 use crate::identity;
 use crate::policy::Config;
@@ -16,6 +16,9 @@ use crate::policy::Config;
 /// The VM environment variable holding the operator admin key
 /// (Envoy: `vm_config.environment_variables`).
 const ADMIN_KEY_ENV: &str = "DIAL_ADMIN_API_KEY";
+
+/// A callout that failed in transport is sent at most this many times.
+const MAX_ATTEMPTS: u32 = 2;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -64,6 +67,9 @@ impl RootContext for Root {
             call_token: None,
             request_id: String::new(),
             released: false,
+            hold: None,
+            settling: None,
+            in_flight: None,
         }))
     }
 
@@ -86,6 +92,12 @@ struct Gate {
     /// StopAllIterationAndWatermark), but a host that delivered the body
     /// would otherwise continue the request, unpaid: defence in depth.
     released: bool,
+    /// The hold to capture or release when the upstream answers.
+    hold: Option<String>,
+    /// The capture/release callout in flight and its hold (the response waits for it).
+    settling: Option<(u32, String, bool)>,
+    /// The callout in flight and how many times it was sent (for one retry).
+    in_flight: Option<(ServiceCall, u32)>,
 }
 
 fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
@@ -123,6 +135,7 @@ impl Gate {
                     grant.identity.charged
                 );
                 self.released = true;
+                self.hold = grant.hold;
                 Action::Continue
             }
             Decision::Deny(denial) => {
@@ -130,23 +143,11 @@ impl Gate {
                 Action::Pause
             }
             Decision::Call(call, pending) => {
-                let headers = vec![
-                    (":method", "POST"),
-                    (":path", call.path.as_str()),
-                    (":authority", cfg.service.authority.as_str()),
-                    ("content-type", "application/json"),
-                    ("x-request-id", self.request_id.as_str()),
-                ];
-                match self.dispatch_http_call(
-                    &cfg.service.cluster,
-                    headers,
-                    Some(&call.body),
-                    vec![],
-                    Duration::from_millis(cfg.service.timeout_ms),
-                ) {
+                match self.dispatch(cfg, &call) {
                     Ok(token) => {
                         self.pending = Some(pending);
                         self.call_token = Some(token);
+                        self.in_flight = Some((call, 1));
                         Action::Pause
                     }
                     Err(status) => {
@@ -159,6 +160,41 @@ impl Gate {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends one callout to the key/credits service.
+    fn dispatch(&self, cfg: &Config, call: &ServiceCall) -> Result<u32, proxy_wasm::types::Status> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", call.path.as_str()),
+            (":authority", cfg.service.authority.as_str()),
+            ("content-type", "application/json"),
+            ("x-request-id", self.request_id.as_str()),
+        ];
+        self.dispatch_http_call(
+            &cfg.service.cluster,
+            headers,
+            Some(&call.body),
+            vec![],
+            Duration::from_millis(cfg.service.timeout_ms),
+        )
+    }
+
+    /// After a transport failure, sends the same callout once more (every
+    /// call of the contract is idempotent). Returns the new token.
+    fn retry(&mut self, cfg: &Config, outcome: &CallOutcome) -> Option<u32> {
+        let (call, attempts) = self.in_flight.take()?;
+        if attempts >= MAX_ATTEMPTS || !credits_api::is_transport_failure(outcome) {
+            return None;
+        }
+        match self.dispatch(cfg, &call) {
+            Ok(token) => {
+                log::info!("retrying {} after a transport failure", call.path);
+                self.in_flight = Some((call, attempts + 1));
+                Some(token)
+            }
+            Err(_) => None,
         }
     }
 
@@ -176,23 +212,52 @@ impl Gate {
     }
 }
 
-impl Context for Gate {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let (Some(cfg), Some(pending)) = (self.config.clone(), self.pending.take()) else {
-            return;
-        };
-        if self.call_token != Some(token_id) {
-            log::warn!("unexpected callout answer {token_id}");
-            self.deny(&Denial::CreditsUnavailable(ServiceError::Inconsistent));
+impl Gate {
+    /// Sends the capture or release of the request's hold. Returns whether a
+    /// callout is now in flight.
+    fn settle(&mut self, cfg: &Config, hold: &str, upstream_status: Option<u16>) -> bool {
+        let call = decision::settle(cfg, hold, upstream_status);
+        match self.dispatch(cfg, &call) {
+            Ok(token) => {
+                self.settling = Some((token, hold.to_owned(), decision::is_capture(&call)));
+                self.in_flight = Some((call, 1));
+                true
+            }
+            Err(status) => {
+                // The service releases holds nobody settles when they expire:
+                // the client is not charged.
+                log::warn!("cannot settle hold {hold}: {status:?}; it will expire and be released");
+                false
+            }
+        }
+    }
+
+    fn settled(&mut self, cfg: &Config, hold: &str, capturing: bool, num_headers: usize, body_size: usize) {
+        let outcome = self.call_outcome(cfg, num_headers, body_size);
+        if let Some(token) = self.retry(cfg, &outcome) {
+            self.settling = Some((token, hold.to_owned(), capturing));
             return;
         }
-        self.call_token = None;
+        let result = credits_api::parse_settlement(outcome, hold);
+        match &result {
+            Ok(credits_api::Settlement::Done) => {}
+            Ok(credits_api::Settlement::NotOpen) => log::warn!("hold {hold} was no longer open"),
+            Err(e) => log::warn!("settling hold {hold} failed ({}); the service releases it when it expires", e.reason()),
+        }
+        match decision::after_settlement(capturing, result) {
+            decision::AfterSettlement::Deliver => self.resume_http_response(),
+            decision::AfterSettlement::Refuse(denial) => self.deny(&denial),
+        }
+    }
+
+    /// What a callout's answer was, as the decision logic needs it.
+    fn call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
         // A failed callout arrives with no headers (Envoy) or as a local
         // 503/504 from Envoy itself: both are "service unavailable".
         let status = self
             .get_http_call_response_header_bytes(":status")
             .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()));
-        let outcome = match status {
+        match status {
             Some(status) if num_headers > 0 => {
                 let cap = cfg.service.max_response_bytes;
                 let body = if body_size == 0 {
@@ -203,7 +268,35 @@ impl Context for Gate {
                 CallOutcome::Answered { status, body, truncated: body_size > cap }
             }
             _ => CallOutcome::Failed,
+        }
+    }
+}
+
+impl Context for Gate {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(cfg) = self.config.clone() else { return };
+        if let Some((token, hold, capturing)) = self.settling.take() {
+            if token == token_id {
+                self.settled(&cfg, &hold, capturing, num_headers, body_size);
+                return;
+            }
+            self.settling = Some((token, hold, capturing));
+        }
+        let Some(pending) = self.pending.take() else {
+            return;
         };
+        if self.call_token != Some(token_id) {
+            log::warn!("unexpected callout answer {token_id}");
+            self.deny(&Denial::CreditsUnavailable(ServiceError::Inconsistent));
+            return;
+        }
+        self.call_token = None;
+        let outcome = self.call_outcome(&cfg, num_headers, body_size);
+        if let Some(token) = self.retry(&cfg, &outcome) {
+            self.pending = Some(pending);
+            self.call_token = Some(token);
+            return;
+        }
         let decision = decision::resume(&cfg, pending, outcome, self.now());
         if let Action::Continue = self.apply(&cfg, decision) {
             self.resume_http_request();
@@ -258,6 +351,32 @@ impl HttpContext for Gate {
             Action::Continue
         } else {
             Action::Pause
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) else {
+            return Action::Continue;
+        };
+        // Charge on success: the response waits until the hold is captured
+        // (2xx/3xx) or released (anything else, including Envoy's own 503/504
+        // for an upstream reset or timeout).
+        let status = self
+            .get_http_response_header_bytes(":status")
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()));
+        if self.settle(&cfg, &hold, status) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_log(&mut self) {
+        // The stream ended with no response (client gone): try to release at
+        // once; if Envoy cancels this callout with the stream, the hold
+        // expires and is released by the service.
+        if let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) {
+            self.settle(&cfg, &hold, None);
         }
     }
 

@@ -4,34 +4,41 @@
 
 use crate::api;
 use crate::demo_upstream;
-use crate::keys::{self, Expiry, KeyKind};
-use crate::store::{unix_now, KeyRecord, NewKey, Store, StoreError};
+use crate::keys::{self, Expiry};
+use crate::store::{unix_now, RefundOutcome, Store, StoreError};
 use serde_json::json;
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 pub const USAGE: &str = "\
-usage: dialtone-credits [--db PATH] [--json] COMMAND ...
+usage: dialtone-credits [--db PATH|URL] [--json] COMMAND ...
 
 commands:
   serve --listen ADDR [--upstream-listen ADDR] [--workers N]
         run the credits API (and the demo upstream API if --upstream-listen);
-        prints `listening credits=ADDR upstream=ADDR|none` once bound
+        prints `listening credits=ADDR upstream=ADDR|none` once bound. The
+        admin API (/v1/admin/*) is enabled by DIAL_ADMIN_API_KEY (>= 16 chars)
   account create ACCOUNT [--credits N]     create (no-op if it exists)
   account topup ACCOUNT N [--note TEXT]    add N credits
   account show ACCOUNT                     show the balance
-  key create ACCOUNT [--kind api_key|api_token] [--scopes a,b] [--expires 30d|60d|90d|365d|never] [--name TEXT]
+  account ledger ACCOUNT [--limit N]       the newest ledger rows (default 100)
+  key create ACCOUNT [--kind api_key|api_token] [--scopes a,b] [--expires 30d|60d|90d|365d|never] [--name TEXT] [--preset agent]
         mint a credential (creates the account if missing); the secret is
         printed once and never stored. api keys never expire; api tokens
-        default to --expires 90d
+        default to --expires 90d. --preset agent: an api_key with scopes
+        sms:send named \"agent key\" (unless given)
   key list ACCOUNT                         list keys (never secrets or hashes)
   key revoke PREFIX                        revoke the active key with this prefix
+  refund IDEMPOTENCY_KEY [--note TEXT]     refund a debit or captured hold, once
+  check                                    verify balances against the ledger;
+                                           exit 1 on any discrepancy
 
 global options:
-  --db PATH   SQLite database file (default: dialtone.db)
-  --json      machine-readable output
-  --help      show this help
+  --db PATH|URL  SQLite database file (default: dialtone.db), or a
+                 postgres://user@host:port/db URL
+  --json         machine-readable output
+  --help         show this help
 ";
 
 /// Default database file.
@@ -94,6 +101,8 @@ const VALUE_OPTIONS: &[&str] = &[
     "--scopes",
     "--expires",
     "--name",
+    "--preset",
+    "--limit",
 ];
 /// Options that are plain switches.
 const SWITCHES: &[&str] = &["--json", "--help"];
@@ -219,6 +228,9 @@ pub fn run(argv: &[String], out: &mut dyn Write) -> Result<(), CliError> {
         ["account", "create", ..] => account_create(&args, &db, json, out),
         ["account", "topup", ..] => account_topup(&args, &db, json, out),
         ["account", "show", ..] => account_show(&args, &db, json, out),
+        ["account", "ledger", ..] => account_ledger(&args, &db, json, out),
+        ["refund", ..] => refund(&args, &db, json, out),
+        ["check", ..] => check(&args, &db, json, out),
         ["key", "create", ..] => key_create(&args, &db, json, out),
         ["key", "list", ..] => key_list(&args, &db, json, out),
         ["key", "revoke", ..] => key_revoke(&args, &db, json, out),
@@ -258,13 +270,16 @@ fn serve(args: &Args, db: &str, out: &mut dyn Write) -> Result<(), CliError> {
         },
     };
 
-    let credits_store = Arc::new(Mutex::new(Store::open(db)?));
-    let credits = api::start(listen, workers, credits_store)?;
+    let credits_store = Arc::new(Mutex::new(Store::connect(db)?));
+    let config = api::ApiConfig::from_env();
+    let admin_enabled = !matches!(config.admin, api::AdminAuth::Disabled);
+    let credits = api::start_with_config(listen, workers, credits_store, config)?;
+    start_sweeper(db)?;
     // The upstream gets its own connection so the two listeners do not
     // queue behind one mutex; SQLite arbitrates between them.
     let upstream = match args.get("--upstream-listen") {
         Some(addr) => {
-            let store = Arc::new(Mutex::new(Store::open(db)?));
+            let store = Arc::new(Mutex::new(Store::connect(db)?));
             Some(demo_upstream::start(
                 addr,
                 workers,
@@ -284,7 +299,15 @@ fn serve(args: &Args, db: &str, out: &mut dyn Write) -> Result<(), CliError> {
         credits.addr()
     )?;
     out.flush()?;
-    eprintln!("dialtone-credits: database {db}, {workers} workers per listener");
+    eprintln!(
+        "dialtone-credits: database {}, {workers} workers per listener, admin API {}",
+        if crate::store::is_postgres_url(db) { "postgres" } else { db },
+        if admin_enabled {
+            "enabled"
+        } else {
+            "disabled (DIAL_ADMIN_API_KEY unset or shorter than 16 characters)"
+        }
+    );
     // Workers run until the process is killed. SQLite in WAL mode with
     // transactional writes is crash-safe, so a plain SIGTERM/SIGKILL is fine.
     credits.wait();
@@ -301,7 +324,7 @@ fn account_create(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Res
         Some(c) => parse_int("--credits", c, 0)?,
         None => 0,
     };
-    let mut store = Store::open(db)?;
+    let mut store = Store::connect(db)?;
     let outcome = store.create_account(&account, credits, unix_now())?;
     if json {
         writeln!(
@@ -329,7 +352,7 @@ fn account_topup(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Resu
     args.allow_only("account topup", &["--note"])?;
     let [account, amount] = args.operands("account topup", 2, ["ACCOUNT", "N"])?;
     let amount = parse_int("N", &amount, 1)?;
-    let mut store = Store::open(db)?;
+    let mut store = Store::connect(db)?;
     let receipt = store.topup(&account, amount, args.get("--note"), None, unix_now())?;
     if json {
         writeln!(
@@ -350,7 +373,7 @@ fn account_topup(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Resu
 fn account_show(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     args.allow_only("account show", &[])?;
     let [account] = args.operands("account show", 2, ["ACCOUNT"])?;
-    let store = Store::open(db)?;
+    let store = Store::connect(db)?;
     let balance = store
         .balance(&account)?
         .ok_or_else(|| CliError::Failed(format!("account not found: {account}")))?;
@@ -367,35 +390,25 @@ fn account_show(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Resul
 }
 
 fn key_create(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("key create", &["--kind", "--scopes", "--expires", "--name"])?;
+    args.allow_only(
+        "key create",
+        &["--kind", "--scopes", "--expires", "--name", "--preset"],
+    )?;
     let [account] = args.operands("key create", 2, ["ACCOUNT"])?;
-    let kind = match args.get("--kind") {
-        None => KeyKind::ApiKey,
-        Some(k) => KeyKind::parse(k)
-            .ok_or_else(|| usage(format!("--kind must be api_key or api_token, got {k:?}")))?,
-    };
-    let expiry = match (kind, args.get("--expires")) {
-        (KeyKind::ApiKey, Some(_)) => {
-            return Err(usage(
-                "api keys never expire; --expires applies to --kind api_token",
-            ))
-        }
-        (KeyKind::ApiKey, None) => Expiry::Never,
-        (KeyKind::ApiToken, None) => DEFAULT_TOKEN_EXPIRY,
-        (KeyKind::ApiToken, Some(e)) => Expiry::parse(e).map_err(usage)?,
-    };
     let scopes = match args.get("--scopes") {
-        None => Vec::new(),
-        Some(s) => keys::parse_scopes(s).map_err(usage)?,
+        None => None,
+        Some(s) => Some(keys::parse_scopes(s).map_err(usage)?),
     };
-    let new = NewKey {
+    let new = api::new_key_from_options(
         account,
-        kind,
+        args.get("--kind"),
         scopes,
-        name: args.get("--name").map(str::to_string),
-        expiry,
-    };
-    let mut store = Store::open(db)?;
+        args.get("--preset"),
+        args.get("--expires"),
+        args.get("--name").map(str::to_string),
+    )
+    .map_err(usage)?;
+    let mut store = Store::connect(db)?;
     let created = store.create_key(&new, unix_now())?;
     if json {
         writeln!(
@@ -439,10 +452,10 @@ fn display_scopes(scopes: &[String]) -> String {
 fn key_list(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     args.allow_only("key list", &[])?;
     let [account] = args.operands("key list", 2, ["ACCOUNT"])?;
-    let store = Store::open(db)?;
+    let store = Store::connect(db)?;
     let keys = store.list_keys(&account, unix_now())?;
     if json {
-        let rows: Vec<_> = keys.iter().map(key_json).collect();
+        let rows: Vec<_> = keys.iter().map(api::key_json).collect();
         writeln!(out, "{}", serde_json::Value::Array(rows))?;
         return Ok(());
     }
@@ -474,25 +487,10 @@ fn key_list(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
-fn key_json(k: &KeyRecord) -> serde_json::Value {
-    json!({
-        "prefix": k.prefix,
-        "account": k.account,
-        "kind": k.kind.as_str(),
-        "scopes": k.scopes,
-        "name": k.name,
-        "state": k.state.as_str(),
-        "created_at": k.created_at,
-        "last_used_at": k.last_used_at,
-        "expires_at": k.expires_at,
-        "revoked_at": k.revoked_at,
-    })
-}
-
 fn key_revoke(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     args.allow_only("key revoke", &[])?;
     let [prefix] = args.operands("key revoke", 2, ["PREFIX"])?;
-    let mut store = Store::open(db)?;
+    let mut store = Store::connect(db)?;
     let revoked = store.revoke_by_prefix(&prefix, unix_now())?;
     if json {
         writeln!(
@@ -513,6 +511,151 @@ fn key_revoke(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<
         )?;
     }
     Ok(())
+}
+
+/// Release expired holds every second in the background (holds are also
+/// expired lazily by every transaction touching their account, so this only
+/// keeps idle accounts tidy). Uses its own connection.
+fn start_sweeper(db: &str) -> Result<(), CliError> {
+    let mut store = Store::connect(db)?;
+    std::thread::Builder::new()
+        .name("hold-sweeper".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            match store.expire_holds(unix_now()) {
+                Ok(0) => {}
+                Ok(n) => eprintln!("dialtone-credits: released {n} expired hold(s)"),
+                Err(e) => eprintln!("dialtone-credits: hold sweeper: {e}"),
+            }
+        })?;
+    Ok(())
+}
+
+fn account_ledger(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    args.allow_only("account ledger", &["--limit"])?;
+    let [account] = args.operands("account ledger", 2, ["ACCOUNT"])?;
+    let limit = match args.get("--limit") {
+        Some(l) => parse_int("--limit", l, 1)?.min(crate::store::MAX_LEDGER_LIMIT),
+        None => api::DEFAULT_LEDGER_LIMIT,
+    };
+    let store = Store::connect(db)?;
+    if store.balance(&account)?.is_none() {
+        return Err(CliError::Failed(format!("account not found: {account}")));
+    }
+    let entries = store.ledger(&account, limit)?;
+    if json {
+        let rows: Vec<_> = entries.iter().map(api::ledger_json).collect();
+        writeln!(out, "{}", json!({ "account": account, "entries": rows }))?;
+        return Ok(());
+    }
+    if entries.is_empty() {
+        writeln!(out, "no ledger rows for {account}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>6}  {:<20}  {:<7}  {:>9}  {:>9}  {:<29}  {:<24}  NOTE",
+        "ID", "TIME", "KIND", "AVAILABLE", "HELD", "HOLD", "IDEMPOTENCY KEY"
+    )?;
+    for e in &entries {
+        writeln!(
+            out,
+            "{:>6}  {:<20}  {:<7}  {:>+9}  {:>+9}  {:<29}  {:<24}  {}",
+            e.id,
+            format_time(e.created_at),
+            e.kind,
+            e.delta_available,
+            e.delta_held,
+            e.hold_id.as_deref().unwrap_or("-"),
+            e.idempotency_key.as_deref().unwrap_or("-"),
+            e.note.as_deref().unwrap_or("-"),
+        )?;
+    }
+    Ok(())
+}
+
+fn refund(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    args.allow_only("refund", &["--note"])?;
+    let [key] = args.operands("refund", 1, ["IDEMPOTENCY_KEY"])?;
+    let mut store = Store::connect(db)?;
+    match store.refund(&key, args.get("--note"), unix_now())? {
+        RefundOutcome::Refunded {
+            account,
+            amount,
+            balance,
+            idempotency_key,
+            hold_id,
+        } => {
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "refunded": amount,
+                        "account": account,
+                        "balance": balance,
+                        "idempotency_key": idempotency_key,
+                        "hold_id": hold_id,
+                    })
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "refunded {amount} to {account} for {idempotency_key:?}; balance {balance}"
+                )?;
+            }
+            Ok(())
+        }
+        RefundOutcome::AlreadyRefunded { idempotency_key } => Err(CliError::Failed(format!(
+            "{idempotency_key:?} was already refunded; nothing done"
+        ))),
+        RefundOutcome::NotFound => Err(CliError::Failed(format!(
+            "no debit or hold has idempotency key {key:?}; nothing to refund"
+        ))),
+        RefundOutcome::NotRefundable { state } => Err(CliError::Failed(format!(
+            "the hold with idempotency key {key:?} is {}: nothing was charged, nothing to refund",
+            state.as_str()
+        ))),
+    }
+}
+
+fn check(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    args.allow_only("check", &[])?;
+    args.operands("check", 1, [])?;
+    let mut store = Store::connect(db)?;
+    let report = store.check()?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "ok": report.is_ok(),
+                "accounts": report.accounts,
+                "ledger_rows": report.ledger_rows,
+                "problems": report.problems,
+            })
+        )?;
+    } else if report.is_ok() {
+        writeln!(
+            out,
+            "ok: {} accounts, {} ledger rows",
+            report.accounts, report.ledger_rows
+        )?;
+    } else {
+        for p in &report.problems {
+            writeln!(out, "{p}")?;
+        }
+    }
+    if report.is_ok() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "check failed: {} discrepancies in {} accounts, {} ledger rows",
+            report.problems.len(),
+            report.accounts,
+            report.ledger_rows
+        )))
+    }
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SSZ` (UTC), without a date crate.

@@ -10,7 +10,8 @@
 //! - `GET  /api/v1/account`           the caller's identity and credits
 //! - `POST /api/v1/credits/top-up`    demo x402 top-up (payment NOT verified)
 //! - `GET  /healthz`                  liveness
-//! - `ANY  /echo...`                  echo method, path, headers and body
+//! - `ANY  /echo...`                  echo method, path, headers and body;
+//!   `x-demo-status: N` makes it answer with status N
 
 use crate::api::{Clock, SharedStore};
 use crate::http::{Handler, Reply, RequestCtx, RunningServer};
@@ -243,10 +244,16 @@ fn echo(req: &RequestCtx) -> Reply {
             }
         }
     }
-    Reply::ok(json!({
+    let body = json!({
         "method": req.method,
         "path": req.url,
         "headers": headers,
         "body": String::from_utf8_lossy(&req.body),
-    }))
+    });
+    // Tests ask the upstream to fail on purpose (charge on success must not
+    // charge for it): `x-demo-status: 500`.
+    match req.header("x-demo-status").and_then(|s| s.parse::<u16>().ok()) {
+        Some(status) if (200..=599).contains(&status) => Reply::json(status, body),
+        _ => Reply::ok(body),
+    }
 }

@@ -22,6 +22,12 @@ pub const SECRET_HEX_LEN: usize = 40;
 pub const PREFIX_LEN: usize = 8;
 /// Maximum number of *active* API tokens an account may hold.
 pub const MAX_ACTIVE_API_TOKENS: i64 = 25;
+/// The key preset the dashboard calls "Quick: agent key".
+pub const AGENT_PRESET: &str = "agent";
+/// Scopes of an agent key unless others are given.
+pub const AGENT_SCOPES: &[&str] = &["sms:send"];
+/// Name of an agent key unless another is given.
+pub const AGENT_NAME: &str = "agent key";
 /// Seconds in a day, for token expiries.
 pub const DAY_SECS: i64 = 86_400;
 

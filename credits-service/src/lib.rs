@@ -2,7 +2,9 @@
 //! calls, a demo upstream API to protect, and an operator CLI.
 //!
 //! - [`keys`]: credential formats, hashing and generation
-//! - [`store`]: SQLite storage, migrations and the money rules
+//! - [`store`]: storage, migrations and the money rules (ledger, holds,
+//!   rate limits, refunds, `check`)
+//! - [`db`], [`pg`]: the SQL layer shared by SQLite and PostgreSQL
 //! - [`api`]: the credits HTTP API used by the filter
 //! - [`demo_upstream`]: the demo paid API behind the filter
 //! - [`http`]: shared tiny_http plumbing (worker pool, JSON replies)
@@ -19,7 +21,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod db;
 pub mod demo_upstream;
 pub mod http;
 pub mod keys;
+pub mod pg;
 pub mod store;

@@ -311,3 +311,73 @@ fn serve_reports_bind_failure() {
     let out = run(&db, &["serve"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn ledger_refund_check_and_agent_preset_commands() {
+    let db = TempDb::new();
+    ok_json(&db, &["account", "create", "did:privy:r", "--credits", "10", "--json"]);
+    let mut store = db.open();
+    store
+        .debit(
+            &dialtone_credits::store::DebitRequest {
+                account: "did:privy:r".into(),
+                amount: 4,
+                idempotency_key: "sms_send:req-9".into(),
+                route: Some("sms_send".into()),
+                key_prefix: None,
+            },
+            1_700_000_000,
+        )
+        .unwrap();
+    drop(store);
+
+    let out = run(&db, &["check"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "ok: 1 accounts, 2 ledger rows\n");
+    let v = ok_json(&db, &["check", "--json"]);
+    assert_eq!(v, json!({ "ok": true, "accounts": 1, "ledger_rows": 2, "problems": [] }));
+
+    let v = ok_json(&db, &["refund", "sms_send:req-9", "--note", "sms failed", "--json"]);
+    assert_eq!(
+        v,
+        json!({ "refunded": 4, "account": "did:privy:r", "balance": 10,
+                "idempotency_key": "sms_send:req-9", "hold_id": null })
+    );
+    assert!(failing(&db, &["refund", "sms_send:req-9"], 1).contains("already refunded"));
+    assert!(failing(&db, &["refund", "nope"], 1).contains("nothing to refund"));
+    failing(&db, &["refund"], 2);
+
+    let v = ok_json(&db, &["account", "ledger", "did:privy:r", "--json"]);
+    let kinds: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["refund", "debit", "topup"]);
+    assert_eq!(v["entries"][0]["note"], "sms failed");
+    let v = ok_json(&db, &["account", "ledger", "did:privy:r", "--limit", "1", "--json"]);
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
+    let out = run(&db, &["account", "ledger", "did:privy:r"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("refund") && text.contains("sms_send:req-9"), "{text}");
+    assert!(failing(&db, &["account", "ledger", "did:privy:none"], 1).contains("account not found"));
+
+    let v = ok_json(&db, &["key", "create", "did:privy:r", "--preset", "agent", "--json"]);
+    assert_eq!(v["kind"], "api_key");
+    assert_eq!(v["scopes"], json!(["sms:send"]));
+    let listed = ok_json(&db, &["key", "list", "did:privy:r", "--json"]);
+    assert_eq!(listed[0]["name"], "agent key");
+    failing(&db, &["key", "create", "did:privy:r", "--preset", "robot"], 2);
+    failing(&db, &["key", "create", "did:privy:r", "--preset", "agent", "--kind", "api_token"], 2);
+
+    // Money that appears outside the ledger is reported; exit 1.
+    let conn = rusqlite::Connection::open(&db.path).unwrap();
+    conn.execute("UPDATE accounts SET balance = 99", []).unwrap();
+    drop(conn);
+    let out = run(&db, &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("account did:privy:r: balance 99 != ledger sum of delta_available 10"), "{text}");
+    assert!(String::from_utf8(out.stderr).unwrap().starts_with("error: check failed"));
+}

@@ -85,6 +85,12 @@ pub struct Options {
     pub admin_key: Option<String>,
     /// Envoy worker threads (one wasm VM each).
     pub concurrency: u32,
+    /// The database: `None` = a SQLite file in `run_dir`; or a
+    /// `postgres://…` URL shared by every credits-service instance.
+    pub database: Option<String>,
+    /// Ports of more key/credits-service instances (same database, no demo
+    /// upstream); Envoy balances its callouts over all of them.
+    pub extra_credits: Vec<u16>,
 }
 
 /// The demo policy (`policy/demo.json`) with the dev Privy verification key
@@ -108,6 +114,25 @@ pub fn app_id(plugin_config: &Value) -> String {
 
 /// Fills the Envoy bootstrap template.
 pub fn render_envoy(template: &str, ports: &Ports, wasm: &Path, plugin_config: &Value) -> Result<String, String> {
+    render_envoy_with(template, ports, &[], wasm, plugin_config)
+}
+
+/// Fills the template with more than one key/credits-service endpoint.
+pub fn render_envoy_with(
+    template: &str,
+    ports: &Ports,
+    extra_credits: &[u16],
+    wasm: &Path,
+    plugin_config: &Value,
+) -> Result<String, String> {
+    let extra: String = extra_credits
+        .iter()
+        .map(|p| {
+            format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {p} }}\n"
+            )
+        })
+        .collect();
     // A JSON string literal is a valid YAML double-quoted scalar.
     let config_literal = serde_json::to_string(&plugin_config.to_string()).map_err(|e| e.to_string())?;
     let wasm_literal = serde_json::to_string(&wasm.display().to_string()).map_err(|e| e.to_string())?;
@@ -115,6 +140,7 @@ pub fn render_envoy(template: &str, ports: &Ports, wasm: &Path, plugin_config: &
         .replace("{{ADMIN_PORT}}", &ports.admin.to_string())
         .replace("{{LISTEN_PORT}}", &ports.listen.to_string())
         .replace("{{CREDITS_PORT}}", &ports.credits.to_string())
+        .replace("{{EXTRA_CREDITS_ENDPOINTS}}\n", &extra)
         .replace("{{UPSTREAM_PORT}}", &ports.upstream.to_string())
         .replace("{{WASM_PATH}}", &wasm_literal)
         .replace("{{PLUGIN_CONFIG}}", &config_literal))
@@ -124,9 +150,13 @@ pub fn render_envoy(template: &str, ports: &Ports, wasm: &Path, plugin_config: &
 pub struct Stack {
     pub paths: Paths,
     pub opts: Options,
+    /// What `--db` gets: the SQLite file, or the PostgreSQL URL.
     pub db: PathBuf,
     credits: Option<Child>,
+    extra_credits: Vec<Option<Child>>,
     envoy: Option<Child>,
+    /// More Envoy processes in front of the same services: (process, listen port, admin port).
+    more_envoys: Vec<(Child, u16, u16)>,
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<(File, File), String> {
@@ -145,10 +175,28 @@ impl Stack {
     /// until Envoy answers through the filter.
     pub fn start(paths: Paths, opts: Options) -> Result<Stack, String> {
         std::fs::create_dir_all(&opts.run_dir).map_err(|e| format!("{}: {e}", opts.run_dir.display()))?;
-        let db = opts.run_dir.join("dialtone.db");
-        let mut stack = Stack { paths, opts, db, credits: None, envoy: None };
+        let db = match &opts.database {
+            Some(url) => PathBuf::from(url),
+            None => opts.run_dir.join("dialtone.db"),
+        };
+        let n_extra = opts.extra_credits.len();
+        let mut stack = Stack {
+            paths,
+            opts,
+            db,
+            credits: None,
+            extra_credits: (0..n_extra).map(|_| None).collect(),
+            envoy: None,
+            more_envoys: Vec::new(),
+        };
         stack.start_credits()?;
-        stack.start_envoy()?;
+        for i in 0..n_extra {
+            stack.start_extra_credits(i)?;
+        }
+        let (listen, admin) = (stack.opts.ports.listen, stack.opts.ports.admin);
+        let child = stack.spawn_envoy(listen, admin, "envoy")?;
+        stack.envoy = Some(child);
+        stack.wait_for_envoy(listen, admin)?;
         Ok(stack)
     }
 
@@ -168,7 +216,13 @@ impl Stack {
     pub fn start_credits(&mut self) -> Result<(), String> {
         let (out, err) = log_file(&self.opts.run_dir, "credits.log")?;
         let p = &self.opts.ports;
-        let child = Command::new(&self.paths.credits_bin)
+        let mut cmd = Command::new(&self.paths.credits_bin);
+        // The operator admin API of the service takes the same admin key.
+        match &self.opts.admin_key {
+            Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
+            None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
+        };
+        let child = cmd
             .arg("--db")
             .arg(&self.db)
             .arg("serve")
@@ -193,13 +247,48 @@ impl Stack {
         }
     }
 
-    fn start_envoy(&mut self) -> Result<(), String> {
+    /// Starts (or restarts) credits-service instance `i` of `extra_credits`.
+    pub fn start_extra_credits(&mut self, i: usize) -> Result<(), String> {
+        let port = *self.opts.extra_credits.get(i).ok_or("no such instance")?;
+        let (out, err) = log_file(&self.opts.run_dir, &format!("credits{}.log", i + 2))?;
+        let mut cmd = Command::new(&self.paths.credits_bin);
+        match &self.opts.admin_key {
+            Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
+            None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
+        };
+        let child = cmd
+            .arg("--db")
+            .arg(&self.db)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.paths.credits_bin.display()))?;
+        if let Some(slot) = self.extra_credits.get_mut(i) {
+            *slot = Some(child);
+        }
+        let health = format!("http://127.0.0.1:{port}/healthz");
+        self.wait_until("a key/credits service instance", Duration::from_secs(20), || http_ok(&health))
+    }
+
+    /// SIGKILLs credits-service instance `i` of `extra_credits`.
+    pub fn kill_extra_credits(&mut self, i: usize) {
+        if let Some(mut c) = self.extra_credits.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn spawn_envoy(&self, listen: u16, admin: u16, log_name: &str) -> Result<Child, String> {
         let template_path = self.paths.root.join("envoy/envoy.yaml.tmpl");
         let template = std::fs::read_to_string(&template_path).map_err(|e| format!("{}: {e}", template_path.display()))?;
-        let yaml = render_envoy(&template, &self.opts.ports, &self.paths.wasm, &self.opts.plugin_config)?;
-        let cfg_path = self.opts.run_dir.join("envoy.yaml");
+        let ports = Ports { listen, admin, ..self.opts.ports.clone() };
+        let yaml = render_envoy_with(&template, &ports, &self.opts.extra_credits, &self.paths.wasm, &self.opts.plugin_config)?;
+        let cfg_path = self.opts.run_dir.join(format!("{log_name}.yaml"));
         std::fs::write(&cfg_path, yaml).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
-        let (out, err) = log_file(&self.opts.run_dir, "envoy.log")?;
+        let (out, err) = log_file(&self.opts.run_dir, &format!("{log_name}.log"))?;
         let mut cmd = Command::new(&self.paths.envoy);
         cmd.arg("-c")
             .arg(&cfg_path)
@@ -214,11 +303,23 @@ impl Stack {
             Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
             None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
         };
-        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", self.paths.envoy.display()))?;
-        self.envoy = Some(child);
-        let ready = format!("{}/ready", self.admin_url());
-        let health = format!("{}/healthz", self.url());
+        cmd.spawn().map_err(|e| format!("starting {}: {e}", self.paths.envoy.display()))
+    }
+
+    fn wait_for_envoy(&mut self, listen: u16, admin: u16) -> Result<(), String> {
+        let ready = format!("http://127.0.0.1:{admin}/ready");
+        let health = format!("http://127.0.0.1:{listen}/healthz");
         self.wait_until("Envoy", Duration::from_secs(60), || http_ok(&ready) && http_ok(&health))
+    }
+
+    /// Starts one more Envoy in front of the same services; returns its listen port.
+    pub fn add_envoy(&mut self) -> Result<u16, String> {
+        let (listen, admin) = (free_port()?, free_port()?);
+        let name = format!("envoy{}", self.more_envoys.len() + 2);
+        let child = self.spawn_envoy(listen, admin, &name)?;
+        self.more_envoys.push((child, listen, admin));
+        self.wait_for_envoy(listen, admin)?;
+        Ok(listen)
     }
 
     fn wait_until(&mut self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
@@ -314,8 +415,11 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for c in [self.envoy.take(), self.credits.take()].into_iter().flatten() {
-            let mut c = c;
+        let mut children: Vec<Child> = self.more_envoys.drain(..).map(|(c, _, _)| c).collect();
+        children.extend(self.envoy.take());
+        children.extend(self.credits.take());
+        children.extend(self.extra_credits.iter_mut().filter_map(Option::take));
+        for mut c in children {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -80,6 +80,8 @@ fn run() -> Result<(), String> {
         plugin_config: plugin_config.clone(),
         admin_key: Some(admin_key.clone()),
         concurrency,
+        database: None,
+        extra_credits: Vec::new(),
     };
     // Stop on Ctrl-C / SIGTERM; the Stack's Drop stops every child.
     let (tx, rx) = mpsc::channel();

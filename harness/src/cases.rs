@@ -41,7 +41,19 @@ pub struct Case {
     pub request: CaseRequest,
     #[serde(default)]
     pub callouts: Vec<ScriptedCallout>,
+    /// If the request passes: the upstream's answer, shown to the filter
+    /// (charge on success settles its hold here; the script of callouts goes on).
+    #[serde(default)]
+    pub upstream_response: Option<UpstreamResponse>,
     pub expect: Expect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +291,43 @@ fn answer_of(r: &Respond) -> Result<CallAnswer> {
     }
 }
 
+/// Answers the stream's pending callouts from the case's script, in order.
+fn play_callouts(stream: &mut crate::plugin::HttpStream<'_>, case: &Case, made: &mut usize, diffs: &mut Vec<String>) -> Result<()> {
+    while let Some(callout) = stream.pending_callouts().into_iter().next() {
+        *made += 1;
+        let n = *made;
+        let Some(script) = case.callouts.get(n - 1) else {
+            diffs.push(format!("unexpected callout #{n} to {} {}", callout.upstream, callout.path()));
+            stream.answer(callout.token, CallAnswer::Failed)?;
+            continue;
+        };
+        if let Some(e) = &script.expect {
+            let at = format!("callout #{n}");
+            if let Some(p) = &e.path {
+                if *p != callout.path() {
+                    diffs.push(format!("{at} path: expected {p:?}, got {:?}", callout.path()));
+                }
+            }
+            if let Some(u) = &e.upstream {
+                if *u != callout.upstream {
+                    diffs.push(format!("{at} upstream: expected {u:?}, got {:?}", callout.upstream));
+                }
+            }
+            if let Some(b) = &e.body {
+                subset(b, &callout.body_json(), &format!("{at} body"), diffs);
+            }
+            let body_text = String::from_utf8_lossy(&callout.body);
+            for s in &e.body_absent {
+                if body_text.contains(s.as_str()) {
+                    diffs.push(format!("{at} body contains {s:?}, which must not leave the filter"));
+                }
+            }
+        }
+        stream.answer(callout.token, answer_of(&script.respond)?)?;
+    }
+    Ok(())
+}
+
 /// Runs one case on a fresh plugin instance.
 pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> Result<CaseResult> {
     let clock = case.clock.or(loaded.file.clock).unwrap_or(DEFAULT_CLOCK);
@@ -316,36 +365,17 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
     let mut stream = plugin.http()?;
     stream.send_request_headers(&raw, true)?;
     let mut made = 0usize;
-    while let Some(callout) = stream.pending_callouts().into_iter().next() {
-        made += 1;
-        let Some(script) = case.callouts.get(made - 1) else {
-            diffs.push(format!("unexpected callout #{made} to {} {}", callout.upstream, callout.path()));
-            stream.answer(callout.token, CallAnswer::Failed)?;
-            continue;
-        };
-        if let Some(e) = &script.expect {
-            let at = format!("callout #{made}");
-            if let Some(p) = &e.path {
-                if *p != callout.path() {
-                    diffs.push(format!("{at} path: expected {p:?}, got {:?}", callout.path()));
-                }
-            }
-            if let Some(u) = &e.upstream {
-                if *u != callout.upstream {
-                    diffs.push(format!("{at} upstream: expected {u:?}, got {:?}", callout.upstream));
-                }
-            }
-            if let Some(b) = &e.body {
-                subset(b, &callout.body_json(), &format!("{at} body"), &mut diffs);
-            }
-            let body_text = String::from_utf8_lossy(&callout.body);
-            for s in &e.body_absent {
-                if body_text.contains(s.as_str()) {
-                    diffs.push(format!("{at} body contains {s:?}, which must not leave the filter"));
-                }
-            }
+    play_callouts(&mut stream, case, &mut made, &mut diffs)?;
+    if let (Some(up), Outcome::Passed(_)) = (&case.upstream_response, stream.outcome()) {
+        let status = up.status.to_string();
+        let mut h: Vec<(String, String)> = vec![(":status".into(), status)];
+        h.extend(up.headers.iter().map(|(k, v)| (k.clone(), text(v))));
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let action = stream.send_response_headers(&h)?;
+        play_callouts(&mut stream, case, &mut made, &mut diffs)?;
+        if action == crate::abi::Action::Pause && !stream.response_resumed() && stream.local_reply().is_none() {
+            diffs.push("the filter left the upstream's response paused".into());
         }
-        stream.answer(callout.token, answer_of(&script.respond)?)?;
     }
     if made < case.callouts.len() {
         diffs.push(format!("expected {} callouts, the filter made {made}", case.callouts.len()));

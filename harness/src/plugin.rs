@@ -426,6 +426,11 @@ impl HttpStream<'_> {
         Ok(callout)
     }
 
+    /// The filter resumed a response it had paused (`proxy_continue_stream`).
+    pub fn response_resumed(&self) -> bool {
+        self.stream().is_some_and(|s| s.response_resumed)
+    }
+
     pub fn local_reply(&self) -> Option<LocalReply> {
         self.stream().and_then(|s| s.local_reply.clone())
     }

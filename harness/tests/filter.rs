@@ -31,13 +31,14 @@ fn api_key_is_looked_up_by_hash_checked_and_charged() {
     let wire = format!("{:?}{}", lookup.headers, String::from_utf8_lossy(&lookup.body));
     assert!(!wire.contains(API_KEY) && !wire.contains(&API_KEY[10..]));
 
-    let debit = s.answer_next(charged(1, 9)).unwrap();
-    assert_eq!(debit.path(), "/v1/debit");
+    // Charge on success (the default): a hold now, settled when the upstream answers.
+    let hold = s.answer_next(held("hold_0001", 1, 9)).unwrap();
+    assert_eq!(hold.path(), "/v1/holds");
     assert_eq!(
-        debit.body_json(),
-        json!({"account": USER, "amount": 1, "idempotency_key": "sms_send:req-1", "route": "sms_send", "key_prefix": API_KEY_PREFIX})
+        hold.body_json(),
+        json!({"account": USER, "amount": 1, "idempotency_key": "sms_send:req-1", "ttl_seconds": 300, "route": "sms_send", "key_prefix": API_KEY_PREFIX})
     );
-    assert_eq!(debit.header("x-request-id").as_deref(), Some("req-1"));
+    assert_eq!(hold.header("x-request-id").as_deref(), Some("req-1"));
 
     let Outcome::Passed(_) = s.outcome() else { panic!("{:?}", s.outcome()) };
     assert_eq!(s.upstream_header("x-dialtone-account").as_deref(), Some(USER));
@@ -46,8 +47,115 @@ fn api_key_is_looked_up_by_hash_checked_and_charged() {
     assert_eq!(s.upstream_header("x-dialtone-credits-remaining").as_deref(), Some("9"));
     assert_eq!(s.upstream_header("x-dialtone-charged").as_deref(), Some("1"));
     assert_eq!(s.upstream_header("authorization"), None, "the secret stays at the edge");
+
+    // The upstream answers 200: the response waits for the capture.
+    assert_eq!(s.send_response_headers(&[(":status", "200")]).unwrap(), Action::Pause);
+    let capture = s.answer_next(settled("hold_0001", "captured")).unwrap();
+    assert_eq!(capture.path(), "/v1/holds/hold_0001/capture");
+    assert!(s.response_resumed());
     s.close().unwrap();
     assert!(p.crashed().is_none());
+}
+
+/// A client never pays for the server's failure: 5xx (and Envoy's own 503/504
+/// for a reset or timeout) releases the hold; a settlement that fails does not
+/// hold up the response.
+#[test]
+fn charge_on_success_releases_on_upstream_failure() {
+    let auth = format!("Bearer {API_KEY}");
+    for (status, action) in [("500", "release"), ("503", "release"), ("504", "release"), ("404", "release"), ("302", "capture"), ("201", "capture")] {
+        let mut p = demo();
+        let mut s = p.http().unwrap();
+        s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+        s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+        s.answer_next(held("hold_x", 1, 4)).unwrap();
+        assert_eq!(s.send_response_headers(&[(":status", status)]).unwrap(), Action::Pause);
+        let call = s.answer_next(settled("hold_x", action)).unwrap();
+        assert_eq!(call.path(), format!("/v1/holds/hold_x/{action}"), "upstream {status}");
+        if action == "release" {
+            assert_eq!(call.body_json(), json!({"reason": "upstream_error"}));
+        }
+        assert!(s.response_resumed());
+    }
+    // A capture that is not confirmed (service gone, hold already expired):
+    // never served unpaid. The response is replaced by 503; the service
+    // releases the hold when it expires.
+    for answers in [vec![CallAnswer::Failed, CallAnswer::Failed], vec![CallAnswer::json(409, &json!({"error": "hold_not_open", "state": "released"}))]] {
+        let mut p = demo();
+        let mut s = p.http().unwrap();
+        s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+        s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+        s.answer_next(held("hold_y", 1, 4)).unwrap();
+        s.send_response_headers(&[(":status", "200")]).unwrap();
+        for a in answers {
+            s.answer_next(a).unwrap();
+        }
+        assert!(!s.response_resumed());
+        assert_eq!(s.local_reply().map(|r| (r.status, r.body_str())), Some((503, r#"{"success":false,"error":"credits_unavailable"}"#.into())));
+        assert!(p.log_text(LogLevel::Warn).contains("hold_y"));
+    }
+    // A release that fails lets the (failed) response through.
+    let mut p = demo();
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    s.answer_next(held("hold_w", 1, 4)).unwrap();
+    s.send_response_headers(&[(":status", "500")]).unwrap();
+    s.answer_next(CallAnswer::Failed).unwrap();
+    s.answer_next(CallAnswer::Failed).unwrap();
+    assert!(s.response_resumed());
+    // Up-front routes debit instead, and settle nothing.
+    let mut cfg = demo_config();
+    cfg["routes"][0]["charge"] = json!("up_front");
+    let mut p = start(&cfg);
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    assert_eq!(s.answer_next(charged(1, 4)).unwrap().path(), "/v1/debit");
+    assert_eq!(s.send_response_headers(&[(":status", "500")]).unwrap(), Action::Continue);
+    assert!(s.pending_callouts().is_empty());
+}
+
+/// A lost hold answer is asked again with the same idempotency key, so the
+/// service replays the first hold instead of placing a second one.
+#[test]
+fn a_transport_failure_is_retried_once_with_the_same_idempotency_key() {
+    let mut p = demo();
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &format!("Bearer {API_KEY}"))])).unwrap();
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    let first = s.answer_next(CallAnswer::raw(503, b"upstream connect error or disconnect/reset before headers")).unwrap();
+    let second = s.answer_next(held("hold_r", 1, 4)).unwrap();
+    assert_eq!(first.path(), "/v1/holds");
+    assert_eq!(first.body_json()["idempotency_key"], "sms_send:req-1");
+    assert_eq!(first.body, second.body);
+    assert!(matches!(s.outcome(), Outcome::Passed(_)));
+    assert!(p.log_text(LogLevel::Info).contains("retrying /v1/holds"));
+}
+
+/// One budget per account: the service counts; the filter asks on free
+/// routes and folds the check into the hold on paid ones.
+#[test]
+fn rate_limited_requests_get_429_with_retry_after() {
+    let mut cfg = demo_config();
+    cfg["rate_limit"] = json!({"requests": 2, "window_seconds": 60});
+    let mut p = start(&cfg);
+    let limited = CallAnswer::json(429, &json!({"error": "rate_limited", "retry_after_seconds": 30}));
+    let mut s = p.http().unwrap();
+    s.request(&request("GET", "/api/v1/account", &[("authorization", &format!("Bearer {}", privy_token()))])).unwrap();
+    let call = s.answer_next(limited.clone()).unwrap();
+    assert_eq!(call.path(), "/v1/ratelimit");
+    assert_eq!(call.body_json(), json!({"account": USER, "rate_limit": {"requests": 2, "window_seconds": 60, "burst": 2}}));
+    let r = s.local_reply().unwrap();
+    assert_eq!((r.status, r.body_str()), (429, r#"{"success":false,"error":"rate_limited"}"#.to_string()));
+    assert_eq!(r.header("retry-after").as_deref(), Some("30"));
+    // Paid route: one callout carries both.
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &format!("Bearer {}", privy_token()))])).unwrap();
+    let call = s.answer_next(limited).unwrap();
+    assert_eq!(call.path(), "/v1/holds");
+    assert_eq!(call.body_json()["rate_limit"]["requests"], 2);
+    assert_eq!(s.local_reply().map(|r| r.status), Some(429));
 }
 
 #[test]
@@ -135,8 +243,8 @@ fn privy_session_skips_scope_and_pays() {
     let mut p = demo();
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("authorization", &format!("Bearer {}", privy_token()))])).unwrap();
-    let debit = s.answer_next(charged(1, 41)).unwrap();
-    assert_eq!(debit.path(), "/v1/debit");
+    let debit = s.answer_next(held("hold_p", 1, 41)).unwrap();
+    assert_eq!(debit.path(), "/v1/holds");
     assert_eq!(debit.body_json()["account"], USER);
     assert_eq!(debit.body_json().get("key_prefix"), None);
     assert_eq!(s.callouts().len(), 1, "no lookup for a Privy session");
@@ -227,24 +335,37 @@ fn fails_closed_whatever_the_service_does() {
         let mut p = demo();
         let mut s = p.http().unwrap();
         s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
-        s.answer_next(answer).unwrap();
+        let first = s.answer_next(answer.clone()).unwrap();
+        // A transport failure (no answer, Envoy's own 503/504) is retried once,
+        // with the very same request; an answer of the service is not.
+        if let Some(retry) = s.pending_callouts().first().cloned() {
+            assert!(matches!(what, "timeout / refused" | "Envoy's own 503" | "504"), "{what} was retried");
+            assert_eq!((retry.path(), &retry.body), (first.path(), &first.body), "{what}");
+            s.answer(retry.token, answer).unwrap();
+        }
+        assert!(s.pending_callouts().is_empty(), "{what}: more than one retry");
         let r = s.local_reply().unwrap_or_else(|| panic!("{what}: {:?}", s.outcome()));
         assert_eq!(r.status, 503, "{what}");
         assert_eq!(r.body_str(), r#"{"success":false,"error":"credits_unavailable"}"#, "{what}");
     }
-    // Debit failures: never passed unpaid.
+    // Hold failures: never passed unpaid.
     let debit_faults: Vec<(&str, CallAnswer)> = vec![
         ("timeout", CallAnswer::Failed),
         ("idempotency conflict", CallAnswer::json(409, &json!({"error": "idempotency_conflict"}))),
-        ("charged another amount", CallAnswer::json(200, &json!({"account": USER, "charged": 0, "balance": 5}))),
-        ("negative balance", CallAnswer::json(200, &json!({"account": USER, "charged": 1, "balance": -1}))),
+        ("held another amount", CallAnswer::json(200, &json!({"hold_id": "h", "account": USER, "amount": 0, "balance": 5}))),
+        ("negative balance", CallAnswer::json(200, &json!({"hold_id": "h", "account": USER, "amount": 1, "balance": -1}))),
+        ("hold id that is a path", CallAnswer::json(200, &json!({"hold_id": "../debit", "account": USER, "amount": 1, "balance": 1}))),
+        ("rate limit answer without the contract's body", CallAnswer::raw(429, b"slow down")),
     ];
     for (what, answer) in debit_faults {
         let mut p = demo();
         let mut s = p.http().unwrap();
         s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
         s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
-        s.answer_next(answer).unwrap();
+        s.answer_next(answer.clone()).unwrap();
+        if !s.pending_callouts().is_empty() {
+            s.answer_next(answer).unwrap();
+        }
         assert_eq!(s.local_reply().map(|r| r.status), Some(503), "{what}");
     }
     // The same VM keeps serving after a failure.
@@ -252,11 +373,12 @@ fn fails_closed_whatever_the_service_does() {
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
     s.answer_next(CallAnswer::Failed).unwrap();
+    s.answer_next(CallAnswer::Failed).unwrap();
     s.close().unwrap();
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
     s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
-    s.answer_next(charged(1, 4)).unwrap();
+    s.answer_next(held("hold_z", 1, 4)).unwrap();
     assert!(matches!(s.outcome(), Outcome::Passed(_)));
 }
 
@@ -507,7 +629,7 @@ fn a_request_body_waits_for_the_decision() {
     let mut s = p.http().unwrap();
     assert_eq!(s.send_request_headers(&raw, false).unwrap(), Action::Pause);
     s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
-    s.answer_next(charged(1, 4)).unwrap();
+    s.answer_next(held("hold_b", 1, 4)).unwrap();
     assert!(matches!(s.outcome(), Outcome::Passed(_)));
     assert_eq!(s.send_request_body(b"{}", true).unwrap(), Action::Continue);
 }

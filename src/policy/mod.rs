@@ -9,7 +9,7 @@ use std::fmt;
 use crate::bearer::{self, DEFAULT_MAX_TOKEN_BYTES};
 use crate::privy_jwt::{self, EsKey, PrivyVerifier};
 use path::{PathError, PathMatcher};
-pub use raw::{PaymentMode, RawConfig, Unmatched, X402Accept};
+pub use raw::{Charge, PaymentMode, RateLimit, RawConfig, Unmatched, X402Accept};
 use sha2::{Digest, Sha256};
 
 /// Admin keys shorter than this are refused: the key bypasses every check.
@@ -24,6 +24,7 @@ pub struct Config {
     pub unmatched: Unmatched,
     pub forward_authorization: bool,
     pub max_token_bytes: usize,
+    pub rate_limit: Option<RateLimit>,
     pub routes: Vec<Route>,
 }
 
@@ -35,6 +36,9 @@ pub struct ServiceConfig {
     pub lookup_path: String,
     pub debit_path: String,
     pub max_response_bytes: usize,
+    pub holds_path: String,
+    pub ratelimit_path: String,
+    pub hold_ttl_seconds: u64,
 }
 
 #[derive(Debug)]
@@ -56,6 +60,7 @@ pub struct Route {
     pub credits: bool,
     /// x402 payment accepted; the offer is what the 402 announces.
     pub x402: Option<X402Offer>,
+    pub charge: Charge,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -231,13 +236,21 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
     if !(1..=60_000).contains(&s.timeout_ms) {
         err("$.credits_service.timeout_ms".into(), "must be between 1 and 60000 (0 would mean no timeout)".into());
     }
-    for (field, p) in [("lookup_path", &s.lookup_path), ("debit_path", &s.debit_path)] {
+    for (field, p) in [
+        ("lookup_path", &s.lookup_path),
+        ("debit_path", &s.debit_path),
+        ("holds_path", &s.holds_path),
+        ("ratelimit_path", &s.ratelimit_path),
+    ] {
         if !p.starts_with('/') {
             err(format!("$.credits_service.{field}"), "must start with '/'".into());
         }
     }
     if !(1024..=1024 * 1024).contains(&s.max_response_bytes) {
         err("$.credits_service.max_response_bytes".into(), "must be between 1024 and 1048576".into());
+    }
+    if !(1..=3600).contains(&s.hold_ttl_seconds) {
+        err("$.credits_service.hold_ttl_seconds".into(), "must be between 1 and 3600".into());
     }
     let service = ServiceConfig {
         cluster: s.cluster.clone(),
@@ -246,7 +259,22 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         lookup_path: s.lookup_path.clone(),
         debit_path: s.debit_path.clone(),
         max_response_bytes: s.max_response_bytes,
+        holds_path: s.holds_path.trim_end_matches('/').to_owned(),
+        ratelimit_path: s.ratelimit_path.clone(),
+        hold_ttl_seconds: s.hold_ttl_seconds,
     };
+    let rate_limit = raw.rate_limit.map(|rl| RateLimit { burst: Some(rl.burst.unwrap_or(rl.requests)), ..rl });
+    if let Some(rl) = &rate_limit {
+        if rl.requests == 0 || rl.requests > 1_000_000 {
+            err("$.rate_limit.requests".into(), "must be between 1 and 1000000".into());
+        }
+        if !(1..=86_400).contains(&rl.window_seconds) {
+            err("$.rate_limit.window_seconds".into(), "must be between 1 and 86400".into());
+        }
+        if rl.burst.is_some_and(|b| b == 0 || b > 1_000_000) {
+            err("$.rate_limit.burst".into(), "must be between 1 and 1000000".into());
+        }
+    }
 
     // Admin key(s).
     let mut admin_digests = Vec::new();
@@ -406,6 +434,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 public: r.public,
                 credits: credits && !r.public,
                 x402,
+                charge: r.charge,
             });
         }
     }
@@ -430,6 +459,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         unmatched: raw.unmatched,
         forward_authorization: raw.forward_authorization,
         max_token_bytes,
+        rate_limit,
         routes,
     })
 }

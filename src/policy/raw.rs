@@ -27,7 +27,37 @@ pub struct RawConfig {
     pub forward_authorization: bool,
     #[serde(default)]
     pub max_token_bytes: Option<usize>,
+    /// One request budget per account, shared by all its keys and sessions,
+    /// counted by the key/credits service (so it holds across Envoy workers
+    /// and replicas). Absent = no rate limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
     pub routes: Vec<RawRoute>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `requests` per
+/// `window_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: u64,
+    pub window_seconds: u64,
+    /// Default: `requests`.
+    #[serde(default)]
+    pub burst: Option<u64>,
+}
+
+/// When a paid route's credits are taken.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Charge {
+    /// Hold the cost before the request goes upstream; capture it when the
+    /// upstream answers 2xx/3xx, release it on 5xx, reset or timeout. A
+    /// client never pays for the server's failure.
+    #[default]
+    OnSuccess,
+    /// Debit before the request goes upstream, whatever the upstream answers.
+    UpFront,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +77,25 @@ pub struct RawService {
     /// Answers larger than this are treated as garbage (fail closed).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Where holds are placed (charge on success); capture and release are
+    /// `<holds_path>/<hold id>/capture` and `…/release`.
+    #[serde(default = "default_holds_path")]
+    pub holds_path: String,
+    #[serde(default = "default_ratelimit_path")]
+    pub ratelimit_path: String,
+    /// A hold nobody settles is released by the service after this long.
+    #[serde(default = "default_hold_ttl")]
+    pub hold_ttl_seconds: u64,
+}
+
+fn default_holds_path() -> String {
+    "/v1/holds".into()
+}
+fn default_ratelimit_path() -> String {
+    "/v1/ratelimit".into()
+}
+fn default_hold_ttl() -> u64 {
+    300
 }
 
 fn default_timeout_ms() -> u64 {
@@ -124,6 +173,9 @@ pub struct RawRoute {
     /// Payment requirements announced in the 402 for x402 routes.
     #[serde(default)]
     pub x402: Option<RawX402>,
+    /// `on_success` (default) or `up_front`.
+    #[serde(default)]
+    pub charge: Charge,
 }
 
 #[derive(Debug, Deserialize)]

@@ -83,6 +83,16 @@ pub fn charged(amount: u64, balance: i64) -> CallAnswer {
     CallAnswer::json(200, &json!({"account": USER, "charged": amount, "balance": balance, "replayed": false}))
 }
 
+/// The service placed hold `hold_id` of `amount` for USER.
+pub fn held(hold_id: &str, amount: u64, balance: i64) -> CallAnswer {
+    CallAnswer::json(200, &json!({"hold_id": hold_id, "account": USER, "amount": amount, "balance": balance, "expires_at": NOW + 300, "replayed": false}))
+}
+
+/// The service settled hold `hold_id` (`captured` or `released`).
+pub fn settled(hold_id: &str, state: &str) -> CallAnswer {
+    CallAnswer::json(200, &json!({"hold_id": hold_id, "state": state, "account": USER}))
+}
+
 pub fn broke(balance: i64, required: u64) -> CallAnswer {
     CallAnswer::json(402, &json!({"error": "insufficient_credits", "balance": balance, "required": required}))
 }

@@ -36,6 +36,16 @@ pub fn test_plugin_config(demo: &Value) -> Value {
 impl TestStack {
     /// Starts a stack for the test called `name`, with `edit` applied to the plugin config.
     pub fn start_with(name: &str, edit: impl FnOnce(&mut Value)) -> Result<TestStack, String> {
+        Self::start_full(name, edit, |_| Ok(()))
+    }
+
+    /// Like `start_with`, and `options` may change the stack's shape
+    /// (Envoy workers, more credits-service instances, the database).
+    pub fn start_full(
+        name: &str,
+        edit: impl FnOnce(&mut Value),
+        options: impl FnOnce(&mut Options) -> Result<(), String>,
+    ) -> Result<TestStack, String> {
         let paths = Paths::discover()?;
         let run_dir = paths.root.join("target/e2e").join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
@@ -44,13 +54,16 @@ impl TestStack {
         let mut cfg = test_plugin_config(&demo);
         edit(&mut cfg);
         let app_id = devstack::app_id(&cfg);
-        let opts = Options {
+        let mut opts = Options {
             ports: Ports::free()?,
             run_dir,
             plugin_config: cfg,
             admin_key: Some(ADMIN_KEY.to_owned()),
             concurrency: 1,
+            database: None,
+            extra_credits: Vec::new(),
         };
+        options(&mut opts)?;
         let stack = Stack::start(paths, opts)?;
         Ok(TestStack { stack, signing_key: key, app_id })
     }
@@ -64,6 +77,12 @@ impl TestStack {
         tokens::privy_token(&self.signing_key, &self.app_id, sub, tokens::now_unix(), 3600)
     }
 
+    /// GET `path` on the Envoy at `port` with a Bearer credential.
+    pub fn get_from(&self, port: u16, path: &str, credential: &str) -> Resp {
+        let auth = bearer(credential);
+        self.send_to(port, "GET", path, &[("authorization", &auth)], None)
+    }
+
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
         self.send("GET", path, headers, None)
     }
@@ -73,8 +92,13 @@ impl TestStack {
     }
 
     pub fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
+        self.send_to(self.stack.opts.ports.listen, method, path, headers, body)
+    }
+
+    /// The same, to another Envoy of the stack (see `Stack::add_envoy`).
+    pub fn send_to(&self, port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
         let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        raw_request(self.stack.opts.ports.listen, method, path, &raw, body)
+        raw_request(port, method, path, &raw, body)
     }
 
     pub fn send_raw(&self, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Resp {
