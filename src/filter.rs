@@ -11,6 +11,7 @@ use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::decision::{self, Decision, Pending, Request, ServiceCall};
 use crate::denial::Denial;
 use crate::identity;
+use crate::metrics;
 use crate::policy::Config;
 
 /// The VM environment variable holding the operator admin key
@@ -22,16 +23,56 @@ const MAX_ATTEMPTS: u32 = 2;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { config: None, metrics: Rc::new(Metrics::default()) })
+    });
 }}
 
 struct Root {
     config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+}
+
+/// The metric ids of this VM (defined once, in `on_vm_start`).
+#[derive(Default)]
+struct Metrics {
+    counters: Vec<(&'static str, u32)>,
+    latency: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        use proxy_wasm::types::MetricType;
+        let counters = metrics::COUNTERS
+            .iter()
+            .filter_map(|name| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok().map(|id| (*name, id)))
+            .collect();
+        let latency = proxy_wasm::hostcalls::define_metric(MetricType::Histogram, metrics::CALLOUT_LATENCY_MS).ok();
+        Metrics { counters, latency }
+    }
+
+    fn count(&self, name: &str) {
+        if let Some((_, id)) = self.counters.iter().find(|(n, _)| *n == name) {
+            // A metric that cannot be counted is not worth failing a request for.
+            let _ = proxy_wasm::hostcalls::increment_metric(*id, 1);
+        }
+    }
+
+    fn latency_ms(&self, ms: u64) {
+        if let Some(id) = self.latency {
+            let _ = proxy_wasm::hostcalls::record_metric(id, ms);
+        }
+    }
 }
 
 impl Context for Root {}
 
 impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        self.metrics = Rc::new(Metrics::define());
+        true
+    }
+
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let Some(bytes) = self.get_plugin_configuration() else {
             log::error!("no plugin configuration: refusing to start");
@@ -63,6 +104,8 @@ impl RootContext for Root {
         Some(Box::new(Gate {
             context_id,
             config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            dispatched_at: UNIX_EPOCH,
             pending: None,
             call_token: None,
             request_id: String::new(),
@@ -81,6 +124,9 @@ impl RootContext for Root {
 struct Gate {
     context_id: u32,
     config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+    /// When the callout in flight was sent (for the latency histogram).
+    dispatched_at: std::time::SystemTime,
     pending: Option<Pending>,
     call_token: Option<u32>,
     /// `x-request-id` (or our stand-in): the debit idempotency key derives
@@ -136,6 +182,7 @@ impl Gate {
                 );
                 self.released = true;
                 self.hold = grant.hold;
+                self.metrics.count(metrics::allowed(grant.identity.method));
                 Action::Continue
             }
             Decision::Deny(denial) => {
@@ -164,7 +211,8 @@ impl Gate {
     }
 
     /// Sends one callout to the key/credits service.
-    fn dispatch(&self, cfg: &Config, call: &ServiceCall) -> Result<u32, proxy_wasm::types::Status> {
+    fn dispatch(&mut self, cfg: &Config, call: &ServiceCall) -> Result<u32, proxy_wasm::types::Status> {
+        self.dispatched_at = self.get_current_time();
         let headers = vec![
             (":method", "POST"),
             (":path", call.path.as_str()),
@@ -190,6 +238,7 @@ impl Gate {
         }
         match self.dispatch(cfg, &call) {
             Ok(token) => {
+                self.metrics.count(metrics::CALLOUT_RETRIED);
                 log::info!("retrying {} after a transport failure", call.path);
                 self.in_flight = Some((call, attempts + 1));
                 Some(token)
@@ -199,6 +248,7 @@ impl Gate {
     }
 
     fn deny(&self, denial: &Denial) {
+        self.metrics.count(metrics::denied(denial));
         let reply = denial.reply();
         match denial {
             Denial::CreditsUnavailable(e) => {
@@ -240,7 +290,9 @@ impl Gate {
         }
         let result = credits_api::parse_settlement(outcome, hold);
         match &result {
-            Ok(credits_api::Settlement::Done) => {}
+            Ok(credits_api::Settlement::Done) => {
+                self.metrics.count(if capturing { metrics::HOLD_CAPTURED } else { metrics::HOLD_RELEASED })
+            }
             Ok(credits_api::Settlement::NotOpen) => log::warn!("hold {hold} was no longer open"),
             Err(e) => log::warn!("settling hold {hold} failed ({}); the service releases it when it expires", e.reason()),
         }
@@ -250,8 +302,21 @@ impl Gate {
         }
     }
 
-    /// What a callout's answer was, as the decision logic needs it.
+    /// What a callout's answer was, as the decision logic needs it (and
+    /// counted in the callout metrics).
     fn call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
+        let outcome = self.read_call_outcome(cfg, num_headers, body_size);
+        let elapsed = self.get_current_time().duration_since(self.dispatched_at).unwrap_or_default();
+        self.metrics.latency_ms(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        self.metrics.count(if credits_api::is_transport_failure(&outcome) {
+            metrics::CALLOUT_FAILED
+        } else {
+            metrics::CALLOUT_ANSWERED
+        });
+        outcome
+    }
+
+    fn read_call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
         // A failed callout arrives with no headers (Envoy) or as a local
         // 503/504 from Envoy itself: both are "service unavailable".
         let status = self

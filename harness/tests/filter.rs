@@ -633,3 +633,43 @@ fn a_request_body_waits_for_the_decision() {
     assert!(matches!(s.outcome(), Outcome::Passed(_)));
     assert_eq!(s.send_request_body(b"{}", true).unwrap(), Action::Continue);
 }
+
+/// Decisions by outcome, callouts by result and their latency, settlements:
+/// counted through the proxy-wasm metrics ABI.
+#[test]
+fn metrics_count_what_happened() {
+    let mut p = demo();
+    let auth = format!("Bearer {API_KEY}");
+    // A paid request left waiting for its hold; a public one; a 401; a lookup
+    // lost twice (retried once), then 503; a paid request held and captured.
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    p.advance(std::time::Duration::from_millis(7));
+    let mut s = p.http().unwrap();
+    s.request(&request("GET", "/healthz", &[])).unwrap();
+    let mut s = p.http().unwrap();
+    s.request(&request("GET", "/api/v1/account", &[])).unwrap();
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+    s.answer_next(CallAnswer::Failed).unwrap();
+    s.answer_next(CallAnswer::Failed).unwrap();
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
+    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    s.answer_next(held("hold_m", 1, 4)).unwrap();
+    s.send_response_headers(&[(":status", "200")]).unwrap();
+    s.answer_next(settled("hold_m", "captured")).unwrap();
+    let count = |name: &str| p.metric(name).map(|m| m.value).unwrap_or_else(|| panic!("{name} not defined"));
+    assert_eq!(count("dialtone.allowed.apikey"), 1);
+    assert_eq!(count("dialtone.allowed.anonymous"), 1);
+    assert_eq!(count("dialtone.denied.unauthorized"), 1);
+    assert_eq!(count("dialtone.denied.credits_unavailable"), 1);
+    assert_eq!(count("dialtone.callout.retried"), 1);
+    assert_eq!(count("dialtone.callout.failed"), 2);
+    assert_eq!(count("dialtone.callout.answered"), 4);
+    assert_eq!(count("dialtone.hold.captured"), 1);
+    assert_eq!(count("dialtone.denied.insufficient_credits"), 0);
+    let latency = p.metric("dialtone.callout.latency_ms").unwrap();
+    assert_eq!(latency.samples.len(), 6);
+}

@@ -424,3 +424,37 @@ fn a_refused_request_with_a_body_never_reaches_the_upstream() {
     assert_eq!(arrived[0]["body_bytes"], big.len());
     assert_eq!(t.stack.balance(USER).unwrap(), 0);
 }
+
+/// The filter's metrics reach Envoy's own stats, Prometheus format included.
+#[test]
+fn metrics_show_in_envoy_stats() {
+    let t = TestStack::start("metrics");
+    t.stack.create_account(USER, 5).unwrap();
+    let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
+    sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
+    t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
+    assert_eq!(t.get("/healthz", &[]).status, 200);
+    let admin = t.stack.admin_url();
+    let text = |path: &str| dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", path, &[], None).body;
+    let stats = text("/stats?filter=dialtone");
+    let prom = text("/stats/prometheus");
+    // Envoy keeps proxy-wasm metrics under its `wasmcustom.` prefix.
+    let value = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in {admin}/stats:\n{stats}"))
+    };
+    assert_eq!(value("dialtone.allowed.apikey"), 1);
+    assert_eq!(value("dialtone.denied.unauthorized"), 2);
+    // The stack's own readiness checks use /healthz too.
+    assert!(value("dialtone.allowed.anonymous") >= 1);
+    assert_eq!(value("dialtone.hold.captured"), 1);
+    assert!(value("dialtone.callout.answered") >= 3, "{stats}");
+    // In Prometheus format the prefix is gone.
+    assert!(prom.lines().any(|l| l == "dialtone_denied_unauthorized{} 2"), "not in Prometheus output");
+    assert!(prom.lines().any(|l| l == "dialtone_hold_captured{} 1"), "not in Prometheus output");
+    assert!(prom.contains("# TYPE dialtone_callout_latency_ms histogram"), "no latency histogram");
+}

@@ -1,0 +1,99 @@
+//! The filter's metrics: names, and which one an outcome counts in. Pure; the
+//! glue defines them once per VM and increments them. Envoy shows them in
+//! `/stats` and `/stats/prometheus` (see README, "Observability").
+
+use crate::denial::Denial;
+use crate::identity::AuthMethod;
+
+/// Requests let through, by how they authenticated.
+pub const ALLOWED_PRIVY: &str = "dialtone.allowed.privy";
+pub const ALLOWED_APIKEY: &str = "dialtone.allowed.apikey";
+pub const ALLOWED_ADMIN: &str = "dialtone.allowed.admin";
+/// Public routes and x402 payments.
+pub const ALLOWED_ANONYMOUS: &str = "dialtone.allowed.anonymous";
+
+/// Requests refused, by the `error` code of the reply.
+pub const DENIED_UNAUTHORIZED: &str = "dialtone.denied.unauthorized";
+pub const DENIED_INSUFFICIENT_SCOPE: &str = "dialtone.denied.insufficient_scope";
+pub const DENIED_INSUFFICIENT_CREDITS: &str = "dialtone.denied.insufficient_credits";
+pub const DENIED_PAYMENT_REQUIRED: &str = "dialtone.denied.payment_required";
+pub const DENIED_ROUTE_NOT_ALLOWED: &str = "dialtone.denied.route_not_allowed";
+pub const DENIED_CREDITS_UNAVAILABLE: &str = "dialtone.denied.credits_unavailable";
+pub const DENIED_RATE_LIMITED: &str = "dialtone.denied.rate_limited";
+
+/// Callouts to the key/credits service by result: answered (any status the
+/// contract defines), failed in transport (no answer, Envoy's 503/504), retried.
+pub const CALLOUT_ANSWERED: &str = "dialtone.callout.answered";
+pub const CALLOUT_FAILED: &str = "dialtone.callout.failed";
+pub const CALLOUT_RETRIED: &str = "dialtone.callout.retried";
+/// Holds settled when the upstream answered.
+pub const HOLD_CAPTURED: &str = "dialtone.hold.captured";
+pub const HOLD_RELEASED: &str = "dialtone.hold.released";
+
+/// Histogram: milliseconds from dispatch to answer, per callout.
+pub const CALLOUT_LATENCY_MS: &str = "dialtone.callout.latency_ms";
+
+pub const COUNTERS: &[&str] = &[
+    ALLOWED_PRIVY,
+    ALLOWED_APIKEY,
+    ALLOWED_ADMIN,
+    ALLOWED_ANONYMOUS,
+    DENIED_UNAUTHORIZED,
+    DENIED_INSUFFICIENT_SCOPE,
+    DENIED_INSUFFICIENT_CREDITS,
+    DENIED_PAYMENT_REQUIRED,
+    DENIED_ROUTE_NOT_ALLOWED,
+    DENIED_CREDITS_UNAVAILABLE,
+    DENIED_RATE_LIMITED,
+    CALLOUT_ANSWERED,
+    CALLOUT_FAILED,
+    CALLOUT_RETRIED,
+    HOLD_CAPTURED,
+    HOLD_RELEASED,
+];
+
+pub fn allowed(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::Privy => ALLOWED_PRIVY,
+        AuthMethod::ApiKey => ALLOWED_APIKEY,
+        AuthMethod::Admin => ALLOWED_ADMIN,
+        AuthMethod::Anonymous => ALLOWED_ANONYMOUS,
+    }
+}
+
+pub fn denied(d: &Denial) -> &'static str {
+    match d {
+        Denial::Unauthorized(_) => DENIED_UNAUTHORIZED,
+        Denial::InsufficientScope { .. } => DENIED_INSUFFICIENT_SCOPE,
+        Denial::InsufficientCredits { .. } => DENIED_INSUFFICIENT_CREDITS,
+        Denial::PaymentRequired { .. } => DENIED_PAYMENT_REQUIRED,
+        Denial::RouteNotAllowed => DENIED_ROUTE_NOT_ALLOWED,
+        Denial::CreditsUnavailable(_) => DENIED_CREDITS_UNAVAILABLE,
+        Denial::RateLimited { .. } => DENIED_RATE_LIMITED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_denial_has_its_own_counter_named_after_its_code() {
+        let denials = [
+            Denial::Unauthorized(crate::denial::AuthFailure::Missing),
+            Denial::InsufficientScope { scope: "s".into() },
+            Denial::InsufficientCredits { credits: 0, required: 1 },
+            Denial::RouteNotAllowed,
+            Denial::CreditsUnavailable(crate::credits_api::ServiceError::Unavailable),
+            Denial::RateLimited { retry_after: 1 },
+        ];
+        for d in &denials {
+            assert_eq!(denied(d), format!("dialtone.denied.{}", d.code()));
+            assert!(COUNTERS.contains(&denied(d)));
+        }
+        let mut names = COUNTERS.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), COUNTERS.len());
+    }
+}
