@@ -33,6 +33,8 @@ pub struct Request<'a> {
     pub request_id: &'a str,
     /// A `PAYMENT-SIGNATURE` or v1 `X-PAYMENT` header is present.
     pub has_x402_payment: bool,
+    /// Keys fetched from the issuer's JWKS (besides the configured ones).
+    pub fetched_keys: &'a [crate::privy_jwt::EsKey],
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,7 +122,7 @@ pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
             let Some(privy) = &cfg.privy else {
                 return unauthorized(AuthFailure::PrivyNotConfigured);
             };
-            match privy.verifier.verify(jwt, now) {
+            match privy.verifier.verify_with(jwt, now, req.fetched_keys) {
                 Ok(session) => {
                     let identity = Identity {
                         method: AuthMethod::Privy,
@@ -428,6 +430,7 @@ mod tests {
             cookies: vec![],
             request_id: "req-1",
             has_x402_payment: false,
+            fetched_keys: &[],
         }
     }
 

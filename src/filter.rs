@@ -1,6 +1,7 @@
 //! The proxy-wasm glue: host events in, [`decision`] calls, host actions out.
 //! No policy lives here. Compiled only for wasm32.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -10,7 +11,11 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::decision::{self, Decision, Pending, Request, ServiceCall};
 use crate::denial::Denial;
+use crate::denial::AuthFailure;
 use crate::identity;
+use crate::jwks::{JwksCache, JwksError};
+use crate::policy::JwksFetch;
+use crate::privy_jwt::JwtError;
 use crate::metrics;
 use crate::policy::Config;
 
@@ -24,13 +29,76 @@ const MAX_ATTEMPTS: u32 = 2;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: None, metrics: Rc::new(Metrics::default()) })
+        Box::new(Root {
+            config: None,
+            metrics: Rc::new(Metrics::default()),
+            jwks: Rc::new(RefCell::new(JwksCache::default())),
+            jwks_token: None,
+        })
     });
 }}
 
 struct Root {
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
+    jwks: Rc<RefCell<JwksCache>>,
+    jwks_token: Option<u32>,
+}
+
+impl Root {
+    fn now(&self) -> i64 {
+        unix_secs(self.get_current_time())
+    }
+
+    /// Fetches the issuer's JWKS if a scheduled fetch is due.
+    fn refresh_keys(&mut self) {
+        let Some(fetch) = self.config.as_ref().and_then(|c| c.privy.as_ref()).and_then(|p| p.jwks_fetch.clone()) else {
+            return;
+        };
+        let now = self.now();
+        if !self.jwks.borrow().due(&fetch, now) {
+            return;
+        }
+        match dispatch_jwks(self, &fetch) {
+            Ok(token) => {
+                self.jwks.borrow_mut().started(now, false);
+                self.jwks_token = Some(token);
+            }
+            Err(status) => log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster),
+        }
+    }
+}
+
+/// GETs the issuer's JWKS (from the root context, or from a request whose
+/// token named an unknown kid).
+fn dispatch_jwks(ctx: &dyn Context, fetch: &JwksFetch) -> Result<u32, proxy_wasm::types::Status> {
+    let headers = vec![(":method", "GET"), (":path", fetch.path.as_str()), (":authority", fetch.authority.as_str()), ("accept", "application/json")];
+    ctx.dispatch_http_call(&fetch.cluster, headers, None, vec![], Duration::from_millis(fetch.timeout_ms))
+}
+
+/// Reads a callout's answer, capped at `cap` bytes.
+fn read_outcome(ctx: &dyn Context, num_headers: usize, body_size: usize, cap: usize) -> CallOutcome {
+    let status = ctx
+        .get_http_call_response_header_bytes(":status")
+        .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()));
+    match status {
+        Some(status) if num_headers > 0 => {
+            let body = if body_size == 0 { Vec::new() } else { ctx.get_http_call_response_body(0, body_size.min(cap)).unwrap_or_default() };
+            CallOutcome::Answered { status, body, truncated: body_size > cap }
+        }
+        _ => CallOutcome::Failed,
+    }
+}
+
+fn log_jwks(result: Result<usize, JwksError>) {
+    match result {
+        Ok(n) => log::info!("JWKS fetched: {n} ES256 key(s)"),
+        Err(e) => log::warn!("JWKS fetch failed ({e}); keeping the last good keys"),
+    }
+}
+
+fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 /// The metric ids of this VM (defined once, in `on_vm_start`).
@@ -65,7 +133,20 @@ impl Metrics {
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if self.jwks_token != Some(token_id) {
+            return;
+        }
+        self.jwks_token = None;
+        let Some(fetch) = self.config.as_ref().and_then(|c| c.privy.as_ref()).and_then(|p| p.jwks_fetch.clone()) else {
+            return;
+        };
+        let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
+        let now = self.now();
+        log_jwks(self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now));
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -88,7 +169,12 @@ impl RootContext for Root {
                     cfg.admin_digests.len(),
                     cfg.service.cluster
                 );
+                let fetches = cfg.privy.as_ref().is_some_and(|p| p.jwks_fetch.is_some());
                 self.config = Some(Rc::new(cfg));
+                if fetches {
+                    self.set_tick_period(Duration::from_secs(1));
+                    self.refresh_keys();
+                }
                 true
             }
             Err(e) => {
@@ -96,6 +182,10 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.refresh_keys();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -106,6 +196,8 @@ impl RootContext for Root {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             dispatched_at: UNIX_EPOCH,
+            jwks: self.jwks.clone(),
+            jwks_token: None,
             pending: None,
             call_token: None,
             request_id: String::new(),
@@ -127,6 +219,10 @@ struct Gate {
     metrics: Rc<Metrics>,
     /// When the callout in flight was sent (for the latency histogram).
     dispatched_at: std::time::SystemTime,
+    /// The issuer's keys, shared with the root context of this VM.
+    jwks: Rc<RefCell<JwksCache>>,
+    /// A JWKS fetch this request waits for (its token named an unknown kid).
+    jwks_token: Option<u32>,
     pending: Option<Pending>,
     call_token: Option<u32>,
     /// `x-request-id` (or our stand-in): the debit idempotency key derives
@@ -157,10 +253,7 @@ fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
 
 impl Gate {
     fn now(&self) -> i64 {
-        self.get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
+        unix_secs(self.get_current_time())
     }
 
     /// Carries out a decision. Returns the action for the current host callback.
@@ -208,6 +301,48 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// The decision for the request as it stands (headers read from the host).
+    fn decide(&self, cfg: &Config) -> Decision {
+        let headers = self.get_http_request_headers_bytes();
+        let values = |name: &str| -> Vec<&[u8]> {
+            headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect()
+        };
+        let (method, path) = (header_str(&headers, ":method"), header_str(&headers, ":path"));
+        let (scheme, authority) = (header_str(&headers, ":scheme"), header_str(&headers, ":authority"));
+        let jwks = self.jwks.borrow();
+        let req = Request {
+            method: &method,
+            path: &path,
+            scheme: if scheme.is_empty() { "http" } else { &scheme },
+            authority: &authority,
+            authorization: values("authorization"),
+            cookies: values("cookie"),
+            request_id: &self.request_id,
+            has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
+            fetched_keys: &jwks.keys,
+        };
+        decision::decide(cfg, &req, self.now())
+    }
+
+    /// Carries out a decision, except that a Privy token naming a `kid` we do
+    /// not know first makes us fetch the issuer's JWKS (at most once per
+    /// cooldown), so a key rotation costs no 401.
+    fn apply_or_fetch_keys(&mut self, cfg: &Config, decision: Decision) -> Action {
+        let unknown_kid = matches!(decision, Decision::Deny(Denial::Unauthorized(AuthFailure::Jwt(JwtError::UnknownKid))));
+        let fetch = cfg.privy.as_ref().and_then(|p| p.jwks_fetch.clone());
+        if let (true, Some(fetch)) = (unknown_kid, fetch) {
+            let now = self.now();
+            if self.jwks.borrow().may_fetch_for_unknown_kid(&fetch, now) {
+                if let Ok(token) = dispatch_jwks(self, &fetch) {
+                    self.jwks.borrow_mut().started(now, true);
+                    self.jwks_token = Some(token);
+                    return Action::Pause;
+                }
+            }
+        }
+        self.apply(cfg, decision)
     }
 
     /// Sends one callout to the key/credits service.
@@ -319,27 +454,28 @@ impl Gate {
     fn read_call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
         // A failed callout arrives with no headers (Envoy) or as a local
         // 503/504 from Envoy itself: both are "service unavailable".
-        let status = self
-            .get_http_call_response_header_bytes(":status")
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()));
-        match status {
-            Some(status) if num_headers > 0 => {
-                let cap = cfg.service.max_response_bytes;
-                let body = if body_size == 0 {
-                    Vec::new()
-                } else {
-                    self.get_http_call_response_body(0, body_size.min(cap)).unwrap_or_default()
-                };
-                CallOutcome::Answered { status, body, truncated: body_size > cap }
-            }
-            _ => CallOutcome::Failed,
-        }
+        read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes)
     }
 }
 
 impl Context for Gate {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(cfg) = self.config.clone() else { return };
+        if self.jwks_token == Some(token_id) {
+            self.jwks_token = None;
+            if let Some(fetch) = cfg.privy.as_ref().and_then(|p| p.jwks_fetch.as_ref()) {
+                let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
+                let now = self.now();
+                log_jwks(self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now));
+            }
+            // Decide again with whatever keys we now have (no second fetch:
+            // the cooldown has just started).
+            let decision = self.decide(&cfg);
+            if let Action::Continue = self.apply(&cfg, decision) {
+                self.resume_http_request();
+            }
+            return;
+        }
         if let Some((token, hold, capturing)) = self.settling.take() {
             if token == token_id {
                 self.settled(&cfg, &hold, capturing, num_headers, body_size);
@@ -381,13 +517,6 @@ impl HttpContext for Gate {
         for (name, _) in headers.iter().filter(|(n, _)| identity::is_identity_header(n)) {
             self.set_http_request_header(name, None);
         }
-        let values = |name: &str| -> Vec<&[u8]> {
-            headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect()
-        };
-        let method = header_str(&headers, ":method");
-        let path = header_str(&headers, ":path");
-        let scheme = header_str(&headers, ":scheme");
-        let authority = header_str(&headers, ":authority");
         self.request_id = header_str(&headers, "x-request-id");
         if self.request_id.is_empty() {
             // Envoy always sets one unless told not to; without it, make one
@@ -395,19 +524,8 @@ impl HttpContext for Gate {
             let nanos = self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             self.request_id = format!("dialtone-{nanos}-{}", self.context_id);
         }
-        let request_id = self.request_id.clone();
-        let req = Request {
-            method: &method,
-            path: &path,
-            scheme: if scheme.is_empty() { "http" } else { &scheme },
-            authority: &authority,
-            authorization: values("authorization"),
-            cookies: values("cookie"),
-            request_id: &request_id,
-            has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
-        };
-        let decision = decision::decide(&cfg, &req, self.now());
-        self.apply(&cfg, decision)
+        let decision = self.decide(&cfg);
+        self.apply_or_fetch_keys(&cfg, decision)
     }
 
     fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {

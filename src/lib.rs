@@ -14,6 +14,7 @@ pub mod credits_api;
 pub mod decision;
 pub mod denial;
 pub mod identity;
+pub mod jwks;
 pub mod metrics;
 pub mod policy;
 pub mod privy_jwt;

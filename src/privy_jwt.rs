@@ -206,6 +206,12 @@ struct Claims {
 impl PrivyVerifier {
     /// Verifies `token` at `now` (seconds since the epoch, from the host clock).
     pub fn verify(&self, token: &str, now: i64) -> Result<Session, JwtError> {
+        self.verify_with(token, now, &[])
+    }
+
+    /// The same, with keys fetched from the issuer's JWKS alongside the
+    /// configured ones.
+    pub fn verify_with(&self, token: &str, now: i64, fetched: &[EsKey]) -> Result<Session, JwtError> {
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -243,6 +249,7 @@ impl PrivyVerifier {
         let mut candidates = self
             .keys
             .iter()
+            .chain(fetched.iter())
             .filter(|k| match (kid, k.kid.as_deref()) {
                 // A pinned key without kid is tried for any token; a JWKS key
                 // only for its own kid (or for tokens that name none).

@@ -10,6 +10,7 @@
 //! - `GET  /api/v1/account`           the caller's identity and credits
 //! - `POST /api/v1/credits/top-up`    demo x402 top-up (payment NOT verified)
 //! - `GET  /healthz`                  liveness
+//! - `GET  /.well-known/jwks.json`    the issuer's JWKS stand-in (`DIALTONE_DEMO_JWKS_FILE`)
 //! - `ANY  /echo...`                  echo method, path, headers and body;
 //!   `x-demo-status: N` makes it answer with status N
 
@@ -78,6 +79,19 @@ fn fail(status: u16, error: &str, message: Option<String>) -> Reply {
     Reply::json(status, body)
 }
 
+/// The local stack's stand-in for the issuer's JWKS endpoint (Privy serves
+/// its own at `/v1/apps/<app id>/jwks.json`): the file named by
+/// `DIALTONE_DEMO_JWKS_FILE`, read on every request so a test can rotate keys.
+fn jwks() -> Reply {
+    let doc = std::env::var_os("DIALTONE_DEMO_JWKS_FILE")
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    match doc {
+        Some(d) => Reply::ok(d),
+        None => fail(404, "not_found", Some("no JWKS published".into())),
+    }
+}
+
 fn method_not_allowed(allow: &str) -> Reply {
     fail(405, "method_not_allowed", None).with_header("Allow", allow)
 }
@@ -91,6 +105,7 @@ pub fn handle(store: &Mutex<Store>, clock: &dyn Fn() -> i64, req: &RequestCtx) -
     }
     let result = match (path, method) {
         ("/healthz", "GET") => Ok(Reply::ok(json!({ "ok": true }))),
+        ("/.well-known/jwks.json", "GET") => Ok(jwks()),
         ("/healthz", _) => Ok(method_not_allowed("GET")),
         ("/api/v1/sms/send", "POST") => sms_send(req),
         ("/api/v1/sms/send", _) => Ok(method_not_allowed("POST")),

@@ -200,6 +200,11 @@ impl Stack {
         Ok(stack)
     }
 
+    /// The JWKS the demo upstream publishes (write it to rotate keys).
+    pub fn jwks_file(&self) -> PathBuf {
+        self.opts.run_dir.join("jwks.json")
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.opts.ports.listen)
     }
@@ -222,6 +227,8 @@ impl Stack {
             Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
             None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
         };
+        // The demo upstream publishes this file as the issuer's JWKS.
+        cmd.env("DIALTONE_DEMO_JWKS_FILE", self.jwks_file());
         let child = cmd
             .arg("--db")
             .arg(&self.db)

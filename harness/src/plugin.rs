@@ -265,6 +265,36 @@ impl Plugin {
         (String::from_utf8_lossy(&st.stdout).into_owned(), String::from_utf8_lossy(&st.stderr).into_owned())
     }
 
+    /// Every callout not answered yet, of any context (the root context's
+    /// own, e.g. a JWKS fetch, included).
+    pub fn pending_callouts(&self) -> Vec<Callout> {
+        self.store.data().callouts.clone()
+    }
+
+    /// Answers the callout `token`, whichever context made it.
+    pub fn answer(&mut self, token: u32, answer: CallAnswer) -> Result<()> {
+        let st = self.store.data_mut();
+        let Some(pos) = st.callouts.iter().position(|c| c.token == token) else {
+            bail!("no pending callout with token {token}");
+        };
+        let callout = st.callouts.remove(pos);
+        let (resp, n_headers, body_size) = match answer {
+            CallAnswer::Failed => (CallResponse::default(), 0, 0),
+            CallAnswer::Response { status, headers, body } => {
+                let mut map: HeaderMap = vec![(":status".into(), status.to_string().into_bytes())];
+                map.extend(headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.into_bytes())));
+                let (n, b) = (map.len(), body.len());
+                (CallResponse { headers: map, body, trailers: vec![] }, n, b)
+            }
+        };
+        st.call_response = Some(resp);
+        st.effective_context = callout.context_id;
+        let f = self.exports.on_http_call_response.clone();
+        let r = self.guard(|s| f.call(s, (callout.context_id as i32, token as i32, n_headers as i32, body_size as i32, 0)));
+        self.store.data_mut().call_response = None;
+        r
+    }
+
     /// Opens a new HTTP stream (an HTTP context).
     pub fn http(&mut self) -> Result<HttpStream<'_>> {
         let id = self.next_context;
@@ -395,28 +425,7 @@ impl HttpStream<'_> {
 
     /// Answers the callout `token`.
     pub fn answer(&mut self, token: u32, answer: CallAnswer) -> Result<()> {
-        let st = self.plugin.store.data_mut();
-        let Some(pos) = st.callouts.iter().position(|c| c.token == token) else {
-            bail!("no pending callout with token {token}");
-        };
-        let callout = st.callouts.remove(pos);
-        let (resp, n_headers, body_size) = match answer {
-            CallAnswer::Failed => (CallResponse::default(), 0, 0),
-            CallAnswer::Response { status, headers, body } => {
-                let mut map: HeaderMap = vec![(":status".into(), status.to_string().into_bytes())];
-                map.extend(headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.into_bytes())));
-                let (n, b) = (map.len(), body.len());
-                (CallResponse { headers: map, body, trailers: vec![] }, n, b)
-            }
-        };
-        st.call_response = Some(resp);
-        st.effective_context = callout.context_id;
-        let f = self.plugin.exports.on_http_call_response.clone();
-        let r = self.plugin.guard(|s| {
-            f.call(s, (callout.context_id as i32, token as i32, n_headers as i32, body_size as i32, 0))
-        });
-        self.plugin.store.data_mut().call_response = None;
-        r
+        self.plugin.answer(token, answer)
     }
 
     /// Answers the oldest pending callout.

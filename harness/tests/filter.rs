@@ -673,3 +673,78 @@ fn metrics_count_what_happened() {
     let latency = p.metric("dialtone.callout.latency_ms").unwrap();
     assert_eq!(latency.samples.len(), 6);
 }
+
+#[allow(clippy::unwrap_used)] // test fixture
+fn jwks_of(keys: &[(&str, &p256::ecdsa::SigningKey)]) -> Value {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|(kid, k)| {
+            let p = k.verifying_key().to_encoded_point(false);
+            json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                   "x": URL_SAFE_NO_PAD.encode(p.x().unwrap()), "y": URL_SAFE_NO_PAD.encode(p.y().unwrap())})
+        })
+        .collect();
+    json!({ "keys": keys })
+}
+
+/// The issuer's JWKS, fetched at start, on a timer, and at once for an
+/// unknown kid (once per cooldown); the last good keys survive a bad fetch.
+#[test]
+fn jwks_fetch_and_key_rotation_without_an_outage() {
+    let old = signing_key();
+    let new = p256::ecdsa::SigningKey::from_slice(&[11u8; 32]).unwrap();
+    let token = |kid: &str, key: &p256::ecdsa::SigningKey| {
+        let mut h = es256_header();
+        h["kid"] = json!(kid);
+        tokens::sign_es256(key, &h, &claims())
+    };
+    let mut cfg = demo_config();
+    let privy = cfg["privy"].as_object_mut().unwrap();
+    privy.remove("verification_key");
+    privy.insert("jwks_fetch".into(), json!({"cluster": "privy_api", "authority": "api.privy.io", "path": "/v1/apps/dialtone-demo-app/jwks.json", "refresh_seconds": 60, "unknown_kid_cooldown_seconds": 30}));
+    let mut p = start(&cfg);
+    assert_eq!(p.tick_period(), std::time::Duration::from_secs(1));
+    // At start the root context fetches the document.
+    let fetch = p.pending_callouts().into_iter().next().expect("a JWKS fetch at start");
+    assert_eq!((fetch.upstream.as_str(), fetch.path(), fetch.header(":method").as_deref()), ("privy_api", "/v1/apps/dialtone-demo-app/jwks.json".to_string(), Some("GET")));
+    p.answer(fetch.token, CallAnswer::json(200, &jwks_of(&[("k-old", &old)]))).unwrap();
+    let ok = |p: &mut Plugin, tok: &str| {
+        let mut s = p.http().unwrap();
+        s.request(&request("GET", "/api/v1/account", &[("authorization", &format!("Bearer {tok}"))])).unwrap();
+        if let Some(c) = s.pending_callouts().first().cloned() {
+            return Err(c);
+        }
+        Ok(matches!(s.outcome(), Outcome::Passed(_)))
+    };
+    assert_eq!(ok(&mut p, &token("k-old", &old)), Ok(true));
+
+    // The issuer rotates: a token with the new kid makes the request fetch at
+    // once, and it passes with no 401 in between.
+    let mut s = p.http().unwrap();
+    s.request(&request("GET", "/api/v1/account", &[("authorization", &format!("Bearer {}", token("k-new", &new)))])).unwrap();
+    let refetch = s.answer_next(CallAnswer::json(200, &jwks_of(&[("k-old", &old), ("k-new", &new)]))).unwrap();
+    assert_eq!(refetch.path(), "/v1/apps/dialtone-demo-app/jwks.json");
+    assert!(matches!(s.outcome(), Outcome::Passed(_)), "{:?}", s.outcome());
+    s.close().unwrap();
+    assert_eq!(ok(&mut p, &token("k-old", &old)), Ok(true), "old tokens keep working");
+    assert_eq!(ok(&mut p, &token("k-new", &new)), Ok(true));
+
+    // Another unknown kid within the cooldown: 401 at once, no fetch storm.
+    let stranger = p256::ecdsa::SigningKey::from_slice(&[13u8; 32]).unwrap();
+    assert_eq!(ok(&mut p, &token("k-stranger", &stranger)), Ok(false));
+
+    // The refresh timer fetches again; a failed or oversized fetch keeps the
+    // last good keys.
+    p.advance(std::time::Duration::from_secs(61));
+    p.tick().unwrap();
+    let refresh = p.pending_callouts().into_iter().next().expect("a scheduled refresh");
+    p.answer(refresh.token, CallAnswer::raw(500, b"down")).unwrap();
+    assert_eq!(ok(&mut p, &token("k-new", &new)), Ok(true));
+    p.advance(std::time::Duration::from_secs(11));
+    p.tick().unwrap();
+    let retry = p.pending_callouts().into_iter().next().expect("a retry after the failure");
+    p.answer(retry.token, CallAnswer::raw(200, &vec![b' '; 70_000])).unwrap();
+    assert_eq!(ok(&mut p, &token("k-old", &old)), Ok(true));
+    assert!(p.log_text(LogLevel::Warn).contains("keeping the last good keys"));
+    assert!(p.crashed().is_none());
+}

@@ -420,6 +420,7 @@ fn schema_covers_every_field_of_raw_rs() {
             "RawX402" => "/$defs/x402/properties",
             "X402Accept" => "/$defs/x402_accept/properties",
             "RateLimit" => "/$defs/rate_limit/properties",
+            "RawJwksFetch" => "/$defs/jwks_fetch/properties",
             other => panic!("raw.rs has a struct {other} the schema does not know: add it"),
         }
     };

@@ -45,6 +45,19 @@ pub struct ServiceConfig {
 pub struct PrivyConfig {
     pub verifier: PrivyVerifier,
     pub accept_cookie: bool,
+    pub jwks_fetch: Option<JwksFetch>,
+}
+
+/// Where and how often the issuer's JWKS is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksFetch {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub refresh_seconds: u64,
+    pub timeout_ms: u64,
+    pub max_bytes: usize,
+    pub unknown_kid_cooldown_seconds: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -316,10 +329,44 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 Err(e) => err("$.privy.jwks".into(), e.to_string()),
             }
         }
-        if p.verification_key.is_none() && p.jwks.is_none() {
-            err("$.privy".into(), "needs a verification_key (PEM) or a jwks document".into());
+        let jwks_fetch = p.jwks_fetch.as_ref().map(|f| {
+            let at = |field: &str| format!("$.privy.jwks_fetch.{field}");
+            if f.cluster.is_empty() || !is_visible_ascii(&f.cluster) {
+                err(at("cluster"), "must name the Envoy cluster of the JWKS host".into());
+            }
+            if f.authority.as_ref().is_some_and(|a| a.is_empty() || !is_visible_ascii(a)) {
+                err(at("authority"), "must be a host[:port]".into());
+            }
+            if !f.path.starts_with('/') || !is_visible_ascii(&f.path) {
+                err(at("path"), "must be a path starting with '/'".into());
+            }
+            if !(10..=86_400).contains(&f.refresh_seconds) {
+                err(at("refresh_seconds"), "must be between 10 and 86400".into());
+            }
+            if !(1..=60_000).contains(&f.timeout_ms) {
+                err(at("timeout_ms"), "must be between 1 and 60000 (0 would mean no timeout)".into());
+            }
+            if !(1024..=1024 * 1024).contains(&f.max_bytes) {
+                err(at("max_bytes"), "must be between 1024 and 1048576".into());
+            }
+            if !(1..=3600).contains(&f.unknown_kid_cooldown_seconds) {
+                err(at("unknown_kid_cooldown_seconds"), "must be between 1 and 3600".into());
+            }
+            JwksFetch {
+                cluster: f.cluster.clone(),
+                authority: f.authority.clone().unwrap_or_else(|| f.cluster.clone()),
+                path: f.path.clone(),
+                refresh_seconds: f.refresh_seconds,
+                timeout_ms: f.timeout_ms,
+                max_bytes: f.max_bytes,
+                unknown_kid_cooldown_seconds: f.unknown_kid_cooldown_seconds,
+            }
+        });
+        if p.verification_key.is_none() && p.jwks.is_none() && jwks_fetch.is_none() {
+            err("$.privy".into(), "needs a verification_key (PEM), a jwks document or jwks_fetch".into());
         }
-        (!keys.is_empty()).then(|| PrivyConfig {
+        let usable = !keys.is_empty() || jwks_fetch.is_some();
+        usable.then(|| PrivyConfig {
             verifier: PrivyVerifier {
                 keys,
                 issuer: p.issuer.clone(),
@@ -327,6 +374,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 leeway_secs: p.leeway_seconds,
             },
             accept_cookie: p.accept_cookie,
+            jwks_fetch,
         })
     });
 

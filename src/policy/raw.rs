@@ -130,6 +130,47 @@ pub struct RawPrivy {
     /// cookie mode) when there is no `Authorization` header.
     #[serde(default)]
     pub accept_cookie: bool,
+    /// Fetch the issuer's JWKS (Privy: `/v1/apps/<app id>/jwks.json` on
+    /// `api.privy.io`) over a callout: at start, every `refresh_seconds`, and
+    /// at once (with a cooldown) when a token names an unknown `kid`. The
+    /// last good keys stay in use when a fetch fails; pinned keys above keep
+    /// working alongside.
+    #[serde(default)]
+    pub jwks_fetch: Option<RawJwksFetch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwksFetch {
+    /// The Envoy cluster of the JWKS host.
+    pub cluster: String,
+    /// `:authority` of the fetch; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    pub path: String,
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_seconds: u64,
+    #[serde(default = "default_jwks_timeout")]
+    pub timeout_ms: u64,
+    /// Documents larger than this are refused (the last good keys stay).
+    #[serde(default = "default_jwks_max_bytes")]
+    pub max_bytes: usize,
+    /// At most one fetch for an unknown `kid` per this many seconds.
+    #[serde(default = "default_jwks_cooldown")]
+    pub unknown_kid_cooldown_seconds: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_jwks_timeout() -> u64 {
+    2000
+}
+fn default_jwks_max_bytes() -> usize {
+    64 * 1024
+}
+fn default_jwks_cooldown() -> u64 {
+    30
 }
 
 fn default_issuer() -> String {

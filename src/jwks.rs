@@ -1,0 +1,171 @@
+//! The issuer's JWKS, fetched over a callout and kept up to date: when to
+//! fetch, and what to keep. Pure: the glue dispatches the fetches and feeds
+//! the answers here. Keys rotate without an outage: a token naming an
+//! unknown `kid` triggers a fetch at once (at most once per cooldown), and a
+//! failed fetch never drops the last good keys.
+
+use crate::credits_api::CallOutcome;
+use crate::policy::JwksFetch;
+use crate::privy_jwt::{self, EsKey, KeyError};
+
+/// Why a fetched document was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksError {
+    Unavailable,
+    Status(u16),
+    TooLarge,
+    NotJson,
+    Keys(KeyError),
+}
+
+impl std::fmt::Display for JwksError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksError::Unavailable => write!(f, "no answer"),
+            JwksError::Status(s) => write!(f, "status {s}"),
+            JwksError::TooLarge => write!(f, "document too large"),
+            JwksError::NotJson => write!(f, "not JSON"),
+            JwksError::Keys(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The fetched keys and the fetch schedule of one VM.
+#[derive(Debug, Default)]
+pub struct JwksCache {
+    pub keys: Vec<EsKey>,
+    /// When the keys in use were fetched.
+    pub fetched_at: Option<i64>,
+    /// When the last fetch was sent (successful or not).
+    pub last_attempt: Option<i64>,
+    /// When a token's unknown `kid` last caused a fetch.
+    pub last_unknown_kid_fetch: Option<i64>,
+    pub in_flight: bool,
+}
+
+/// After a failed fetch, try again this soon (not only at the next refresh).
+const RETRY_AFTER_FAILURE_SECS: i64 = 10;
+
+impl JwksCache {
+    /// Is a scheduled fetch due at `now`?
+    pub fn due(&self, fetch: &JwksFetch, now: i64) -> bool {
+        if self.in_flight {
+            return false;
+        }
+        let refresh = i64::try_from(fetch.refresh_seconds).unwrap_or(i64::MAX);
+        match (self.fetched_at, self.last_attempt) {
+            (_, None) => true,
+            (Some(done), Some(tried)) => {
+                now.saturating_sub(done) >= refresh && now.saturating_sub(tried) >= RETRY_AFTER_FAILURE_SECS.min(refresh)
+            }
+            (None, Some(tried)) => now.saturating_sub(tried) >= RETRY_AFTER_FAILURE_SECS,
+        }
+    }
+
+    /// May a token with an unknown `kid` trigger a fetch at `now`?
+    pub fn may_fetch_for_unknown_kid(&self, fetch: &JwksFetch, now: i64) -> bool {
+        let cooldown = i64::try_from(fetch.unknown_kid_cooldown_seconds).unwrap_or(i64::MAX);
+        self.last_unknown_kid_fetch.is_none_or(|t| now.saturating_sub(t) >= cooldown)
+    }
+
+    pub fn started(&mut self, now: i64, for_unknown_kid: bool) {
+        self.last_attempt = Some(now);
+        if for_unknown_kid {
+            self.last_unknown_kid_fetch = Some(now);
+        }
+        self.in_flight = true;
+    }
+
+    /// Takes a fetch's answer. On success the fetched keys replace the old
+    /// ones; on any failure the last good keys stay.
+    pub fn accept(&mut self, outcome: CallOutcome, max_bytes: usize, now: i64) -> Result<usize, JwksError> {
+        self.in_flight = false;
+        let keys = parse_document(outcome, max_bytes)?;
+        let n = keys.len();
+        self.keys = keys;
+        self.fetched_at = Some(now);
+        Ok(n)
+    }
+}
+
+fn parse_document(outcome: CallOutcome, max_bytes: usize) -> Result<Vec<EsKey>, JwksError> {
+    let (status, body) = match outcome {
+        CallOutcome::Failed => return Err(JwksError::Unavailable),
+        CallOutcome::Answered { truncated: true, .. } => return Err(JwksError::TooLarge),
+        CallOutcome::Answered { status, body, .. } => (status, body),
+    };
+    if status != 200 {
+        return Err(JwksError::Status(status));
+    }
+    if body.len() > max_bytes {
+        return Err(JwksError::TooLarge);
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|_| JwksError::NotJson)?;
+    privy_jwt::keys_from_jwks(&doc).map_err(JwksError::Keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetch() -> JwksFetch {
+        JwksFetch {
+            cluster: "jwks".into(),
+            authority: "jwks".into(),
+            path: "/jwks.json".into(),
+            refresh_seconds: 300,
+            timeout_ms: 1000,
+            max_bytes: 4096,
+            unknown_kid_cooldown_seconds: 30,
+        }
+    }
+
+    // A P-256 public key (RFC 7515 A.3) as a one-key JWKS.
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"a3","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    fn answer(status: u16, body: &str) -> CallOutcome {
+        CallOutcome::Answered { status, body: body.as_bytes().to_vec(), truncated: false }
+    }
+
+    #[test]
+    fn schedule() {
+        let f = fetch();
+        let mut c = JwksCache::default();
+        assert!(c.due(&f, 0), "fetch at start");
+        c.started(0, false);
+        assert!(!c.due(&f, 1), "not while one is in flight");
+        assert_eq!(c.accept(answer(200, JWKS), f.max_bytes, 1), Ok(1));
+        assert!(!c.due(&f, 300));
+        assert!(c.due(&f, 301));
+        // A failure keeps the keys and retries sooner than the refresh.
+        c.started(301, false);
+        assert_eq!(c.accept(answer(500, "oops"), f.max_bytes, 301), Err(JwksError::Status(500)));
+        assert_eq!(c.keys.len(), 1);
+        assert!(!c.due(&f, 305));
+        assert!(c.due(&f, 311));
+    }
+
+    #[test]
+    fn unknown_kid_cooldown() {
+        let f = fetch();
+        let mut c = JwksCache::default();
+        assert!(c.may_fetch_for_unknown_kid(&f, 100));
+        c.started(100, true);
+        c.accept(CallOutcome::Failed, f.max_bytes, 100).unwrap_err();
+        assert!(!c.may_fetch_for_unknown_kid(&f, 129));
+        assert!(c.may_fetch_for_unknown_kid(&f, 130));
+    }
+
+    #[test]
+    fn bad_documents_keep_the_last_good_keys() {
+        let f = fetch();
+        let mut c = JwksCache::default();
+        c.accept(answer(200, JWKS), f.max_bytes, 0).unwrap();
+        let big = format!(r#"{{"keys":[],"pad":"{}"}}"#, "a".repeat(5000));
+        assert_eq!(c.accept(answer(200, &big), f.max_bytes, 1), Err(JwksError::TooLarge));
+        assert_eq!(c.accept(answer(200, "<html>"), f.max_bytes, 2), Err(JwksError::NotJson));
+        assert!(matches!(c.accept(answer(200, r#"{"keys":[{"kty":"RSA"}]}"#), f.max_bytes, 3), Err(JwksError::Keys(_))));
+        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.fetched_at, Some(0));
+    }
+}
