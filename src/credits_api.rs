@@ -161,6 +161,17 @@ pub fn is_transport_failure(outcome: &CallOutcome) -> bool {
     }
 }
 
+/// The contract's answers are JSON objects: valid UTF-8 (which serde_json
+/// does not check inside members it skips) and not the array form serde's
+/// derive would also take.
+fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
+    let text = std::str::from_utf8(body).map_err(|_| ServiceError::Garbage)?;
+    if !text.trim_start().starts_with('{') {
+        return Err(ServiceError::Garbage);
+    }
+    serde_json::from_str(text).map_err(|_| ServiceError::Garbage)
+}
+
 fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {
     match outcome {
         CallOutcome::Failed => Err(ServiceError::Unavailable),
@@ -178,7 +189,7 @@ pub fn parse_lookup(outcome: CallOutcome) -> Result<Lookup, ServiceError> {
     let (status, body) = answered(outcome)?;
     match status {
         200 => {
-            let rec: KeyRecord = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let rec: KeyRecord = object(&body)?;
             let sane = valid_account(&rec.account)
                 && rec.key_prefix.len() == KEY_PREFIX_LEN
                 && is_header_safe(&rec.key_prefix)
@@ -215,7 +226,7 @@ struct Limited {
 
 /// A 429 from the service: the account's request budget is spent.
 fn rate_limited(body: &[u8]) -> Result<u64, ServiceError> {
-    let l: Limited = serde_json::from_slice(body).map_err(|_| ServiceError::Garbage)?;
+    let l: Limited = object(body)?;
     if l.error != "rate_limited" {
         return Err(ServiceError::Garbage);
     }
@@ -241,7 +252,7 @@ pub fn parse_hold(outcome: CallOutcome, account: &str, amount: u64) -> Result<Ho
     let (status, body) = answered(outcome)?;
     match status {
         200 | 201 => {
-            let h: Held = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let h: Held = object(&body)?;
             if !valid_hold_id(&h.hold_id) {
                 return Err(ServiceError::Garbage);
             }
@@ -251,7 +262,7 @@ pub fn parse_hold(outcome: CallOutcome, account: &str, amount: u64) -> Result<Ho
             Ok(Hold::Held { hold_id: h.hold_id, balance: h.balance })
         }
         402 => {
-            let r: Refused = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let r: Refused = object(&body)?;
             if r.error != "insufficient_credits" || r.balance < 0 {
                 return Err(ServiceError::Garbage);
             }
@@ -271,7 +282,7 @@ pub fn parse_ratelimit(outcome: CallOutcome) -> Result<RateCheck, ServiceError> 
     let (status, body) = answered(outcome)?;
     match status {
         200 => {
-            let a: Allowed = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let a: Allowed = object(&body)?;
             if !a.allowed {
                 return Err(ServiceError::Garbage);
             }
@@ -291,7 +302,7 @@ pub fn parse_settlement(outcome: CallOutcome, hold_id: &str) -> Result<Settlemen
     let (status, body) = answered(outcome)?;
     match status {
         200 => {
-            let s: Settled = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let s: Settled = object(&body)?;
             if s.hold_id != hold_id {
                 return Err(ServiceError::Inconsistent);
             }
@@ -307,14 +318,14 @@ pub fn parse_debit(outcome: CallOutcome, account: &str, amount: u64) -> Result<D
     let (status, body) = answered(outcome)?;
     match status {
         200 => {
-            let c: Charged = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let c: Charged = object(&body)?;
             if c.account != account || c.charged != amount || c.balance < 0 {
                 return Err(ServiceError::Inconsistent);
             }
             Ok(Debit::Charged { balance: c.balance })
         }
         402 => {
-            let r: Refused = serde_json::from_slice(&body).map_err(|_| ServiceError::Garbage)?;
+            let r: Refused = object(&body)?;
             if r.error != "insufficient_credits" || r.balance < 0 {
                 return Err(ServiceError::Garbage);
             }
@@ -392,6 +403,19 @@ mod tests {
             Ok(Debit::RateLimited { retry_after: 3 })
         );
         assert_eq!(parse_debit(ok(429, "slow down"), a, 1), Err(ServiceError::Garbage));
+    }
+
+    #[test]
+    fn answers_must_be_json_objects_in_utf8() {
+        // Found by the credits_answers fuzzer: invalid UTF-8 inside a member
+        // serde skips, and the array form of a struct.
+        let mut body = br#"{"account":"did:privy:abc","charged":1,"balance":9,"replayed":false,"x":""#.to_vec();
+        body.extend_from_slice(&[0xc5, 0xc5]);
+        body.extend_from_slice(br#""}"#);
+        let bad = CallOutcome::Answered { status: 200, body, truncated: false };
+        assert_eq!(parse_debit(bad, "did:privy:abc", 1), Err(ServiceError::Garbage));
+        assert_eq!(parse_debit(ok(200, r#"["did:privy:abc",1,9]"#), "did:privy:abc", 1), Err(ServiceError::Garbage));
+        assert_eq!(parse_lookup(ok(200, &format!("[{RECORD}]"))), Err(ServiceError::Garbage));
     }
 
     #[test]

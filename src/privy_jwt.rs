@@ -332,11 +332,12 @@ fn b64(segment: &str) -> Result<Vec<u8>, JwtError> {
 /// Parses a JSON object (not an array: serde's derive would also accept a
 /// sequence for a struct), refusing duplicate members and trailing bytes.
 fn json_object<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first != b'{' {
+    // serde_json does not check the UTF-8 of members it skips: check it all.
+    let text = std::str::from_utf8(bytes).ok()?;
+    if !text.trim_start().starts_with('{') {
         return None;
     }
-    serde_json::from_slice(bytes).ok()
+    serde_json::from_str(text).ok()
 }
 
 /// RFC 7519 NumericDate: a JSON number of seconds (fractions allowed, truncated).
