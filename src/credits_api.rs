@@ -169,7 +169,7 @@ fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError
     if !text.trim_start().starts_with('{') {
         return Err(ServiceError::Garbage);
     }
-    serde_json::from_str(text).map_err(|_| ServiceError::Garbage)
+    serde_json::from_slice(body).map_err(|_| ServiceError::Garbage)
 }
 
 fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {

@@ -337,7 +337,7 @@ fn json_object<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
     if !text.trim_start().starts_with('{') {
         return None;
     }
-    serde_json::from_str(text).ok()
+    serde_json::from_slice(bytes).ok()
 }
 
 /// RFC 7519 NumericDate: a JSON number of seconds (fractions allowed, truncated).
