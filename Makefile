@@ -12,7 +12,7 @@ WASM          := target/$(WASM_TARGET)/wasm-release/dialtone.wasm
 CARGO         ?= cargo
 PYTHON        ?= python3
 
-.PHONY: run test build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package clean size
+.PHONY: run test build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package fuzz fuzz-smoke clean size
 
 run: build envoy
 	./target/release/dialtone-devstack run
@@ -75,6 +75,15 @@ policy-check: build
 # embedded policies, `envoy --mode validate`, the OCI packaging.
 deploy-check: build envoy
 	$(CARGO) test -p dialtone-deploy
+
+# cargo-fuzz targets for the parsers and the decision (fuzz/README.md):
+# installs cargo-fuzz if missing, runs each target for FUZZ_SECONDS, fails on
+# a crash. Not part of `make test` yet (about 2 min from clean).
+FUZZ_SECONDS ?= 300
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+fuzz-smoke:
+	scripts/fuzz.sh 10
 
 # The .wasm, its SHA-256 and an OCI image layout (docs/packaging.md).
 package: build
