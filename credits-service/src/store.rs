@@ -640,6 +640,28 @@ pub fn validate_account_id(account: &str) -> Result<()> {
     Ok(())
 }
 
+/// The checks every charge (debit or hold) makes on its request.
+fn validate_charge(
+    account: &str,
+    amount: i64,
+    idempotency_key: &str,
+    route: Option<&str>,
+    key_prefix: Option<&str>,
+    rate: Option<&RateLimit>,
+) -> Result<()> {
+    validate_account_id(account)?;
+    if amount < 1 {
+        return Err(StoreError::Invalid("amount must be an integer >= 1".into()));
+    }
+    validate_idempotency_key("idempotency_key", idempotency_key)?;
+    validate_optional_text("route", route)?;
+    validate_optional_text("key_prefix", key_prefix)?;
+    if let Some(rl) = rate {
+        rl.validate()?;
+    }
+    Ok(())
+}
+
 fn validate_optional_text(field: &str, value: Option<&str>) -> Result<()> {
     if let Some(v) = value {
         if v.chars().count() > MAX_TEXT_CHARS || v.chars().any(char::is_control) {
@@ -1322,16 +1344,7 @@ impl Store {
         rate: Option<&RateLimit>,
         now_ms: i64,
     ) -> Result<DebitOutcome> {
-        validate_account_id(&req.account)?;
-        if req.amount < 1 {
-            return Err(StoreError::Invalid("amount must be an integer >= 1".into()));
-        }
-        validate_idempotency_key("idempotency_key", &req.idempotency_key)?;
-        validate_optional_text("route", req.route.as_deref())?;
-        validate_optional_text("key_prefix", req.key_prefix.as_deref())?;
-        if let Some(rl) = rate {
-            rl.validate()?;
-        }
+        validate_charge(&req.account, req.amount, &req.idempotency_key, req.route.as_deref(), req.key_prefix.as_deref(), rate)?;
         let now = now_ms.div_euclid(1000);
         self.write(|tx| {
             // The lock is taken here, before the balance is read, so no other
@@ -1454,22 +1467,13 @@ impl Store {
         rate: Option<&RateLimit>,
         now_ms: i64,
     ) -> Result<HoldOutcome> {
-        validate_account_id(&req.account)?;
-        if req.amount < 1 {
-            return Err(StoreError::Invalid("amount must be an integer >= 1".into()));
-        }
-        validate_idempotency_key("idempotency_key", &req.idempotency_key)?;
+        validate_charge(&req.account, req.amount, &req.idempotency_key, req.route.as_deref(), req.key_prefix.as_deref(), rate)?;
         if !HOLD_TTL_SECONDS.contains(&req.ttl_seconds) {
             return Err(StoreError::Invalid(format!(
                 "ttl_seconds must be {}..={}",
                 HOLD_TTL_SECONDS.start(),
                 HOLD_TTL_SECONDS.end()
             )));
-        }
-        validate_optional_text("route", req.route.as_deref())?;
-        validate_optional_text("key_prefix", req.key_prefix.as_deref())?;
-        if let Some(rl) = rate {
-            rl.validate()?;
         }
         let now = now_ms.div_euclid(1000);
         self.write(|tx| {
