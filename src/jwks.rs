@@ -80,7 +80,7 @@ impl JwksCache {
     /// ones; on any failure the last good keys stay.
     pub fn accept(&mut self, outcome: CallOutcome, max_bytes: usize, now: i64) -> Result<usize, JwksError> {
         self.in_flight = false;
-        let keys = parse_document(outcome, max_bytes)?;
+        let keys = parse_document(outcome, max_bytes, &self.keys)?;
         let n = keys.len();
         self.keys = keys;
         self.fetched_at = Some(now);
@@ -88,7 +88,7 @@ impl JwksCache {
     }
 }
 
-fn parse_document(outcome: CallOutcome, max_bytes: usize) -> Result<Vec<EsKey>, JwksError> {
+fn parse_document(outcome: CallOutcome, max_bytes: usize, previous: &[EsKey]) -> Result<Vec<EsKey>, JwksError> {
     let (status, body) = match outcome {
         CallOutcome::Failed => return Err(JwksError::Unavailable),
         CallOutcome::Answered { truncated: true, .. } => return Err(JwksError::TooLarge),
@@ -101,7 +101,7 @@ fn parse_document(outcome: CallOutcome, max_bytes: usize) -> Result<Vec<EsKey>, 
         return Err(JwksError::TooLarge);
     }
     let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|_| JwksError::NotJson)?;
-    privy_jwt::keys_from_jwks(&doc).map_err(JwksError::Keys)
+    privy_jwt::keys_from_jwks_reusing(&doc, previous).map_err(JwksError::Keys)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod bearer;
 pub mod credits_api;
 pub mod decision;
 pub mod denial;
+pub mod es256;
 pub mod identity;
 pub mod jwks;
 pub mod metrics;

@@ -8,10 +8,12 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use serde::Deserialize;
 use serde_json::Value;
+use std::sync::Arc;
+
+use crate::es256::PreparedKey;
 
 /// A `kid` longer than this is hostile; no issuer uses one.
 const MAX_KID_LEN: usize = 256;
@@ -19,11 +21,32 @@ const MAX_KID_LEN: usize = 256;
 const MAX_SUB_LEN: usize = 256;
 
 /// One ES256 verification key, optionally named by `kid` (keys from a JWKS
-/// carry one; a pinned PEM key does not).
+/// carry one; a pinned PEM key does not). Built with [`EsKey::new`], which
+/// precomputes the key's table for fast verification (~227 KB, shared by
+/// clones, so copying keys between caches costs nothing).
 #[derive(Clone, Debug)]
 pub struct EsKey {
     pub kid: Option<String>,
     pub key: VerifyingKey,
+    prepared: Option<Arc<PreparedKey>>,
+}
+
+impl EsKey {
+    pub fn new(kid: Option<String>, key: VerifyingKey) -> Self {
+        EsKey { kid, key, prepared: PreparedKey::new(&key).map(Arc::new) }
+    }
+
+    /// ES256 over `signing_input` with this key.
+    pub fn verify(&self, signing_input: &[u8], sig: &Signature) -> bool {
+        match &self.prepared {
+            // `key` is a public field: only trust the table if it is still
+            // the table of `key` (a 64-byte compare).
+            Some(p) if p.key() == &self.key => p.verify(signing_input, sig),
+            // No table (never expected): build one now rather than keep
+            // p256's own verifier in the .wasm as a fallback. Fails closed.
+            _ => PreparedKey::new(&self.key).is_some_and(|p| p.verify(signing_input, sig)),
+        }
+    }
 }
 
 /// Why a verification key in the config was refused.
@@ -50,12 +73,19 @@ impl std::fmt::Display for KeyError {
 pub fn key_from_pem(pem: &str) -> Result<EsKey, KeyError> {
     use p256::pkcs8::DecodePublicKey;
     let key = VerifyingKey::from_public_key_pem(pem.trim()).map_err(|_| KeyError::Pem)?;
-    Ok(EsKey { kid: None, key })
+    Ok(EsKey::new(None, key))
 }
 
 /// Parses a JWKS document (`{"keys":[…]}`), keeping the EC P-256 signing keys
 /// and skipping keys of other types (an issuer may publish RSA keys too).
 pub fn keys_from_jwks(jwks: &Value) -> Result<Vec<EsKey>, KeyError> {
+    keys_from_jwks_reusing(jwks, &[])
+}
+
+/// The same, taking the precomputed table of any key already in `previous`
+/// instead of building it again: a periodic re-fetch of an unchanged JWKS
+/// then costs no table builds (a few ms of wasm and 227 KB per key otherwise).
+pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey]) -> Result<Vec<EsKey>, KeyError> {
     let keys = jwks
         .get("keys")
         .and_then(Value::as_array)
@@ -100,7 +130,11 @@ pub fn keys_from_jwks(jwks: &Value) -> Result<Vec<EsKey>, KeyError> {
                 return Err(KeyError::DuplicateKid(k.clone()));
             }
         }
-        out.push(EsKey { kid, key });
+        let reused = previous.iter().find_map(|p| p.prepared.as_ref().filter(|t| t.key() == &key));
+        out.push(match reused {
+            Some(table) => EsKey { kid, key, prepared: Some(Arc::clone(table)) },
+            None => EsKey::new(kid, key),
+        });
     }
     if out.is_empty() {
         return Err(KeyError::NoUsableKey);
@@ -260,7 +294,7 @@ impl PrivyVerifier {
         if candidates.peek().is_none() {
             return Err(JwtError::UnknownKid);
         }
-        if !candidates.any(|k| es256_verify(&k.key, signing_input, &sig)) {
+        if !candidates.any(|k| k.verify(signing_input, &sig)) {
             return Err(JwtError::Signature);
         }
 
@@ -310,8 +344,27 @@ impl PrivyVerifier {
 
 /// ES256 (ECDSA P-256 with SHA-256) over `signing_input`. High-S signatures
 /// are valid ES256 (RFC 7515 A.3 is one), so they are not refused.
+///
+/// Without an [`EsKey`]: this builds the key's table first (about 20
+/// verifications' worth of work; the last key's is kept), and verifies
+/// through the same code as [`EsKey::verify`] so that the conformance
+/// vectors exercise it. Configured keys are [`EsKey`]s.
 pub fn es256_verify(key: &VerifyingKey, signing_input: &[u8], sig: &Signature) -> bool {
-    key.verify(signing_input, sig).is_ok()
+    // Callers tend to check several signatures with one key in a row (the
+    // Wycheproof groups do): keep the last key's table.
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<EsKey>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return EsKey::new(None, *key).verify(signing_input, sig);
+        };
+        match &*last {
+            Some(k) if k.key == *key => {}
+            _ => *last = Some(EsKey::new(None, *key)),
+        }
+        last.as_ref().is_some_and(|k| k.verify(signing_input, sig))
+    })
 }
 
 /// Parses a raw `r‖s` signature: exactly 64 bytes, 0 < r, s < n.
@@ -377,7 +430,7 @@ mod tests {
     fn verifier() -> PrivyVerifier {
         let sk = signing_key();
         PrivyVerifier {
-            keys: vec![EsKey { kid: Some("k1".into()), key: *sk.verifying_key() }],
+            keys: vec![EsKey::new(Some("k1".into()), *sk.verifying_key())],
             issuer: "privy.io".into(),
             app_id: APP.into(),
             leeway_secs: 60,
@@ -442,6 +495,35 @@ mod tests {
     fn refuses_duplicate_members() {
         let t = sign(r#"{"alg":"ES256","alg":"ES256"}"#, &claims(NOW + 60));
         assert_eq!(verifier().verify(&t, NOW), Err(JwtError::Header));
+    }
+
+    #[test]
+    fn jwks_refetch_reuses_tables_of_unchanged_keys() {
+        let jwk = |d: &[u8], kid: &str| {
+            let pt = SigningKey::from_slice(d).unwrap().verifying_key().to_encoded_point(false);
+            serde_json::json!({"kty":"EC","crv":"P-256","kid":kid,
+                "x":URL_SAFE_NO_PAD.encode(pt.x().unwrap()),"y":URL_SAFE_NO_PAD.encode(pt.y().unwrap())})
+        };
+        let first = keys_from_jwks(&serde_json::json!({"keys":[jwk(&[7; 32], "a")]})).unwrap();
+        // Same key (even renamed), plus a new one.
+        let second = keys_from_jwks_reusing(&serde_json::json!({"keys":[jwk(&[8; 32], "b"), jwk(&[7; 32], "a2")]}), &first).unwrap();
+        let table = |k: &EsKey| Arc::as_ptr(k.prepared.as_ref().unwrap());
+        assert_eq!(table(&second[1]), table(&first[0]));
+        assert_ne!(table(&second[0]), table(&first[0]));
+        assert_eq!(second[1].kid.as_deref(), Some("a2"));
+        assert_eq!(second[0].prepared.as_ref().unwrap().key(), &second[0].key);
+    }
+
+    #[test]
+    fn a_key_replaced_after_construction_is_not_checked_with_the_old_table() {
+        let t = sign(H, &claims(NOW + 3600));
+        let mut v = verifier();
+        assert!(v.verify(&t, NOW).is_ok());
+        // Swap the public key but keep the old table: the token must now fail.
+        v.keys[0].key = *SigningKey::from_slice(&[9; 32]).unwrap().verifying_key();
+        assert_eq!(v.verify(&t, NOW), Err(JwtError::Signature));
+        v.keys[0].key = *signing_key().verifying_key();
+        assert!(v.verify(&t, NOW).is_ok());
     }
 
     #[test]
