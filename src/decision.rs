@@ -6,6 +6,7 @@
 //! resumed with [`resume`].
 
 use crate::bearer::{self, Credential, KeyCredential};
+use crate::cache::{self, Caches};
 use crate::credits_api::{
     self, CallOutcome, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest, RateCheck,
     RateLimitRequest, ReleaseRequest, ServiceError,
@@ -66,14 +67,30 @@ pub struct ServiceCall {
 /// What the request is waiting for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pending {
-    Lookup { route: usize, prefix: String, idempotency_key: String },
+    /// `key_sha256`: what the answer is cached under.
+    Lookup { route: usize, prefix: String, idempotency_key: String, key_sha256: cache::Digest32 },
     Debit { route: usize, identity: Identity, amount: u64 },
     Hold { route: usize, identity: Identity, amount: u64 },
     RateLimit { route: usize, identity: Identity },
 }
 
 /// First decision, at request headers. `now` is the host clock in seconds.
+/// Caches nothing (see [`decide_cached`]).
 pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
+    decide_cached(cfg, req, now.saturating_mul(1000), &mut Caches::disabled())
+}
+
+/// Continues a request after its callout answered (or failed). Caches
+/// nothing (see [`resume_cached`]).
+pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) -> Decision {
+    resume_cached(cfg, pending, outcome, now.saturating_mul(1000), &mut Caches::disabled())
+}
+
+/// First decision, at request headers, with the VM's caches: a repeated
+/// Privy token skips verification, a recently looked-up key skips the
+/// lookup. `now_ms` is the host clock in milliseconds.
+pub fn decide_cached(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches) -> Decision {
+    let now = now_ms.div_euclid(1000);
     let Some((idx, route)) = cfg
         .routes
         .iter()
@@ -122,7 +139,14 @@ pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
             let Some(privy) = &cfg.privy else {
                 return unauthorized(AuthFailure::PrivyNotConfigured);
             };
-            match privy.verifier.verify_with(jwt, now, req.fetched_keys) {
+            let digest = cache::sha256(jwt.as_bytes());
+            let verified = match caches.verified_token(&digest, now) {
+                Some(session) => Ok(session),
+                None => privy.verifier.verify_with(jwt, now, req.fetched_keys).inspect(|session| {
+                    caches.token_verified(digest, session, privy.verifier.leeway_secs);
+                }),
+            };
+            match verified {
                 Ok(session) => {
                     let identity = Identity {
                         method: AuthMethod::Privy,
@@ -137,14 +161,24 @@ pub fn decide(cfg: &Config, req: &Request<'_>, now: i64) -> Decision {
                 Err(e) => unauthorized(AuthFailure::Jwt(e)),
             }
         }
-        Credential::Key(key) => lookup(cfg, idx, &key, idem),
+        Credential::Key(key) => {
+            let digest = cache::sha256(key.secret.as_bytes());
+            match caches.looked_up_key(&digest, now_ms) {
+                // The record was checked when it was cached; the route's
+                // scope and the key's expiry are checked again here.
+                Some(rec) => authorized_key(cfg, idx, route, rec, now, idem),
+                None => lookup(cfg, idx, &key, digest, idem),
+            }
+        }
     }
 }
 
-/// Continues a request after its callout answered (or failed).
-pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) -> Decision {
+/// Continues a request after its callout answered (or failed), with the
+/// VM's caches (an active key's lookup is remembered).
+pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_ms: i64, caches: &mut Caches) -> Decision {
+    let now = now_ms.div_euclid(1000);
     match pending {
-        Pending::Lookup { route: idx, prefix, idempotency_key } => {
+        Pending::Lookup { route: idx, prefix, idempotency_key, key_sha256 } => {
             let Some(route) = cfg.routes.get(idx) else {
                 return unavailable(ServiceError::Inconsistent);
             };
@@ -157,28 +191,10 @@ pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) ->
             if rec.key_prefix != prefix {
                 return unavailable(ServiceError::Inconsistent);
             }
-            match rec.state {
-                KeyState::Revoked => return unauthorized(AuthFailure::Revoked),
-                KeyState::Expired => return unauthorized(AuthFailure::Expired),
-                KeyState::Active => {}
+            if rec.state == KeyState::Active {
+                caches.key_looked_up(key_sha256, &rec, now_ms);
             }
-            // Belt and braces: an expiry the service reported but did not apply.
-            if rec.expires_at.is_some_and(|exp| exp <= now) {
-                return unauthorized(AuthFailure::Expired);
-            }
-            if let Some(scope) = &route.scope {
-                if !rec.scopes.iter().any(|s| s == scope) {
-                    return Decision::Deny(Denial::InsufficientScope { scope: scope.clone() });
-                }
-            }
-            let identity = Identity {
-                method: AuthMethod::ApiKey,
-                account: Some(rec.account),
-                key_prefix: Some(rec.key_prefix),
-                credits_remaining: Some(rec.balance),
-                charged: 0,
-            };
-            charge_or_allow(cfg, idx, route, identity, idempotency_key)
+            authorized_key(cfg, idx, route, rec, now, idempotency_key)
         }
         Pending::Debit { route: idx, mut identity, amount } => {
             let Some(route) = cfg.routes.get(idx) else {
@@ -275,13 +291,41 @@ pub fn idempotency_key(route: &Route, request_id: &str) -> String {
     format!("{}:{}", route.name, request_id)
 }
 
-fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, idempotency_key: String) -> Decision {
-    let hash = key.sha256_hex();
+fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, digest: cache::Digest32, idempotency_key: String) -> Decision {
+    let hash = bearer::hex_lower(&digest);
     let body = serde_json::to_vec(&LookupRequest { key_sha256: &hash }).unwrap_or_default();
     Decision::Call(
         ServiceCall { path: cfg.service.lookup_path.clone(), body },
-        Pending::Lookup { route: idx, prefix: key.prefix.to_owned(), idempotency_key },
+        Pending::Lookup { route: idx, prefix: key.prefix.to_owned(), idempotency_key, key_sha256: digest },
     )
+}
+
+/// A key the service knows (answered now, or cached): its state, expiry and
+/// the route's scope decide; then the route's charge.
+fn authorized_key(cfg: &Config, idx: usize, route: &Route, rec: credits_api::KeyRecord, now: i64, idem: String) -> Decision {
+    match rec.state {
+        KeyState::Revoked => return unauthorized(AuthFailure::Revoked),
+        KeyState::Expired => return unauthorized(AuthFailure::Expired),
+        KeyState::Active => {}
+    }
+    // Belt and braces: an expiry the service reported but did not apply
+    // (and the one that passes while a lookup is cached).
+    if rec.expires_at.is_some_and(|exp| exp <= now) {
+        return unauthorized(AuthFailure::Expired);
+    }
+    if let Some(scope) = &route.scope {
+        if !rec.scopes.iter().any(|s| s == scope) {
+            return Decision::Deny(Denial::InsufficientScope { scope: scope.clone() });
+        }
+    }
+    let identity = Identity {
+        method: AuthMethod::ApiKey,
+        account: Some(rec.account),
+        key_prefix: Some(rec.key_prefix),
+        credits_remaining: Some(rec.balance),
+        charged: 0,
+    };
+    charge_or_allow(cfg, idx, route, identity, idem)
 }
 
 /// After authentication: hold or debit the route's cost (with the account's
@@ -680,5 +724,96 @@ mod tests {
         let mut two = request("POST", "/sms", None);
         two.authorization = vec![b"Bearer a", b"Bearer b"];
         assert!(matches!(denial(decide(&c, &two, NOW)), Denial::Unauthorized(AuthFailure::Header(_))));
+    }
+
+    #[test]
+    fn a_repeated_token_is_verified_once_and_still_expires_on_time() {
+        let c = config();
+        let mut caches = Caches::new(16, 0, 0);
+        let token = privy_token(NOW + 10);
+        let auth = format!("Bearer {token}");
+        let now_ms = NOW * 1000;
+        for _ in 0..3 {
+            assert!(matches!(decide_cached(&c, &request("GET", "/account", Some(&auth)), now_ms, &mut caches), Decision::Allow(_)));
+        }
+        let stats = caches.take_stats();
+        assert_eq!((stats.token_misses, stats.token_hits), (1, 2), "verified once, served twice from the cache");
+        // At exp + leeway (60 s) the cached entry no longer vouches: 401 as without a cache.
+        let later = (NOW + 70) * 1000;
+        assert_eq!(
+            denial(decide_cached(&c, &request("GET", "/account", Some(&auth)), later, &mut caches)),
+            Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Expired))
+        );
+        // A forged token never enters the cache: flipping a signature byte gives 401 every time.
+        let mut forged = token.clone().into_bytes();
+        let last = forged.len() - 2;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = format!("Bearer {}", String::from_utf8(forged).unwrap());
+        for _ in 0..2 {
+            assert!(matches!(
+                denial(decide_cached(&c, &request("GET", "/account", Some(&forged)), now_ms, &mut caches)),
+                Denial::Unauthorized(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_looked_up_key_is_reused_within_the_ttl_with_scope_checked_per_route() {
+        let c = config();
+        let mut caches = Caches::new(0, 16, 500);
+        let auth = format!("Bearer {API_KEY}");
+        let t0 = NOW * 1000;
+        let Decision::Call(call, pending) = decide_cached(&c, &request("GET", "/account", Some(&auth)), t0, &mut caches) else {
+            panic!()
+        };
+        assert_eq!(call.path, "/v1/keys/lookup");
+        assert!(matches!(
+            resume_cached(&c, pending, answer(200, &record(r#"["other:scope"]"#, "active", 10)), t0, &mut caches),
+            Decision::Allow(_)
+        ));
+        // Within the TTL: no lookup; the paid route goes straight to its charge
+        // (one callout), and the scope the cached key lacks is still refused.
+        let report = request("POST", "/report", Some(&auth));
+        assert_eq!(
+            denial(decide_cached(&c, &report, t0 + 499, &mut caches)),
+            Denial::InsufficientScope { scope: "sms:send".into() }
+        );
+        match decide_cached(&c, &request("GET", "/account", Some(&auth)), t0 + 499, &mut caches) {
+            Decision::Allow(g) => assert_eq!(g.identity.key_prefix.as_deref(), Some("abc12345")),
+            other => panic!("{other:?}"),
+        }
+        // At the TTL: asked again.
+        let Decision::Call(call, pending) = decide_cached(&c, &request("GET", "/account", Some(&auth)), t0 + 500, &mut caches) else {
+            panic!()
+        };
+        assert_eq!(call.path, "/v1/keys/lookup");
+        // A revoked answer is refused and not cached: the next request asks again.
+        assert_eq!(
+            denial(resume_cached(&c, pending, answer(200, &record("[]", "revoked", 0)), t0 + 500, &mut caches)),
+            Denial::Unauthorized(AuthFailure::Revoked)
+        );
+        assert!(matches!(
+            decide_cached(&c, &request("GET", "/account", Some(&auth)), t0 + 501, &mut caches),
+            Decision::Call(ServiceCall { ref path, .. }, _) if path == "/v1/keys/lookup"
+        ));
+    }
+
+    #[test]
+    fn a_cached_key_on_a_paid_route_costs_one_callout() {
+        let c = config();
+        let mut caches = Caches::new(0, 16, 500);
+        let auth = format!("Bearer {API_KEY}");
+        let t0 = NOW * 1000;
+        let Decision::Call(_, pending) = decide_cached(&c, &request("POST", "/sms", Some(&auth)), t0, &mut caches) else { panic!() };
+        let Decision::Call(debit, _) =
+            resume_cached(&c, pending, answer(200, &record(r#"["sms:send"]"#, "active", 10)), t0, &mut caches)
+        else {
+            panic!()
+        };
+        assert_eq!(debit.path, "/v1/debit");
+        let Decision::Call(second, _) = decide_cached(&c, &request("POST", "/sms", Some(&auth)), t0 + 100, &mut caches) else {
+            panic!()
+        };
+        assert_eq!(second.path, "/v1/debit", "straight to the debit: the lookup came from the cache");
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
+use crate::cache::Caches;
 use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::decision::{self, Decision, Pending, Request, ServiceCall};
 use crate::denial::Denial;
@@ -34,6 +35,7 @@ proxy_wasm::main! {{
             metrics: Rc::new(Metrics::default()),
             jwks: Rc::new(RefCell::new(JwksCache::default())),
             jwks_token: None,
+            caches: Rc::new(RefCell::new(Caches::disabled())),
         })
     });
 }}
@@ -43,6 +45,8 @@ struct Root {
     metrics: Rc<Metrics>,
     jwks: Rc<RefCell<JwksCache>>,
     jwks_token: Option<u32>,
+    /// This VM's verified-token and key-lookup caches, shared with its requests.
+    caches: Rc<RefCell<Caches>>,
 }
 
 impl Root {
@@ -90,11 +94,20 @@ fn read_outcome(ctx: &dyn Context, num_headers: usize, body_size: usize, cap: us
     }
 }
 
-fn log_jwks(result: Result<usize, JwksError>) {
+/// Logs a JWKS fetch's result; new keys make every cached token be verified
+/// again (a key that is gone must stop vouching for them).
+fn jwks_fetched(result: Result<usize, JwksError>, caches: &RefCell<Caches>) {
     match result {
-        Ok(n) => log::info!("JWKS fetched: {n} ES256 key(s)"),
+        Ok(n) => {
+            caches.borrow_mut().keys_changed();
+            log::info!("JWKS fetched: {n} ES256 key(s)")
+        }
         Err(e) => log::warn!("JWKS fetch failed ({e}); keeping the last good keys"),
     }
+}
+
+fn unix_millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 fn unix_secs(t: std::time::SystemTime) -> i64 {
@@ -120,9 +133,13 @@ impl Metrics {
     }
 
     fn count(&self, name: &str) {
+        self.add(name, 1);
+    }
+
+    fn add(&self, name: &str, n: u32) {
         if let Some((_, id)) = self.counters.iter().find(|(n, _)| *n == name) {
             // A metric that cannot be counted is not worth failing a request for.
-            let _ = proxy_wasm::hostcalls::increment_metric(*id, 1);
+            let _ = proxy_wasm::hostcalls::increment_metric(*id, i64::from(n));
         }
     }
 
@@ -144,7 +161,8 @@ impl Context for Root {
         };
         let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
         let now = self.now();
-        log_jwks(self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now));
+        let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
+        jwks_fetched(result, &self.caches);
     }
 }
 
@@ -170,6 +188,9 @@ impl RootContext for Root {
                     cfg.service.cluster
                 );
                 let fetches = cfg.privy.as_ref().is_some_and(|p| p.jwks_fetch.is_some());
+                let token_entries = cfg.privy.as_ref().map_or(0, |p| p.token_cache_entries);
+                *self.caches.borrow_mut() =
+                    Caches::new(token_entries, cfg.service.key_cache_entries, cfg.service.key_cache_ttl_ms);
                 self.config = Some(Rc::new(cfg));
                 if fetches {
                     self.set_tick_period(Duration::from_secs(1));
@@ -198,6 +219,7 @@ impl RootContext for Root {
             dispatched_at: UNIX_EPOCH,
             jwks: self.jwks.clone(),
             jwks_token: None,
+            caches: self.caches.clone(),
             pending: None,
             call_token: None,
             request_id: String::new(),
@@ -223,6 +245,7 @@ struct Gate {
     jwks: Rc<RefCell<JwksCache>>,
     /// A JWKS fetch this request waits for (its token named an unknown kid).
     jwks_token: Option<u32>,
+    caches: Rc<RefCell<Caches>>,
     pending: Option<Pending>,
     call_token: Option<u32>,
     /// `x-request-id` (or our stand-in): the debit idempotency key derives
@@ -323,7 +346,24 @@ impl Gate {
             has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
             fetched_keys: &jwks.keys,
         };
-        decision::decide(cfg, &req, self.now())
+        let now_ms = unix_millis(self.get_current_time());
+        let decision = decision::decide_cached(cfg, &req, now_ms, &mut self.caches.borrow_mut());
+        self.count_cache_use();
+        decision
+    }
+
+    fn count_cache_use(&self) {
+        let stats = self.caches.borrow_mut().take_stats();
+        for (n, name) in [
+            (stats.token_hits, metrics::CACHE_TOKEN_HIT),
+            (stats.token_misses, metrics::CACHE_TOKEN_MISS),
+            (stats.key_hits, metrics::CACHE_KEY_HIT),
+            (stats.key_misses, metrics::CACHE_KEY_MISS),
+        ] {
+            if n > 0 {
+                self.metrics.add(name, n);
+            }
+        }
     }
 
     /// Carries out a decision, except that a Privy token naming a `kid` we do
@@ -466,7 +506,8 @@ impl Context for Gate {
             if let Some(fetch) = cfg.privy.as_ref().and_then(|p| p.jwks_fetch.as_ref()) {
                 let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
                 let now = self.now();
-                log_jwks(self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now));
+                let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
+                jwks_fetched(result, &self.caches);
             }
             // Decide again with whatever keys we now have (no second fetch:
             // the cooldown has just started).
@@ -498,7 +539,8 @@ impl Context for Gate {
             self.call_token = Some(token);
             return;
         }
-        let decision = decision::resume(&cfg, pending, outcome, self.now());
+        let now_ms = unix_millis(self.get_current_time());
+        let decision = decision::resume_cached(&cfg, pending, outcome, now_ms, &mut self.caches.borrow_mut());
         if let Action::Continue = self.apply(&cfg, decision) {
             self.resume_http_request();
         }

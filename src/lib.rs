@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 pub mod bearer;
+pub mod cache;
 pub mod credits_api;
 pub mod decision;
 pub mod denial;

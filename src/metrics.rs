@@ -30,6 +30,12 @@ pub const CALLOUT_RETRIED: &str = "dialtone.callout.retried";
 pub const HOLD_CAPTURED: &str = "dialtone.hold.captured";
 pub const HOLD_RELEASED: &str = "dialtone.hold.released";
 
+/// The VM's caches (src/cache.rs): verified Privy tokens and key lookups.
+pub const CACHE_TOKEN_HIT: &str = "dialtone.cache.token.hit";
+pub const CACHE_TOKEN_MISS: &str = "dialtone.cache.token.miss";
+pub const CACHE_KEY_HIT: &str = "dialtone.cache.key.hit";
+pub const CACHE_KEY_MISS: &str = "dialtone.cache.key.miss";
+
 /// Histogram: milliseconds from dispatch to answer, per callout.
 pub const CALLOUT_LATENCY_MS: &str = "dialtone.callout.latency_ms";
 
@@ -50,6 +56,10 @@ pub const COUNTERS: &[&str] = &[
     CALLOUT_RETRIED,
     HOLD_CAPTURED,
     HOLD_RELEASED,
+    CACHE_TOKEN_HIT,
+    CACHE_TOKEN_MISS,
+    CACHE_KEY_HIT,
+    CACHE_KEY_MISS,
 ];
 
 pub fn allowed(method: AuthMethod) -> &'static str {

@@ -626,12 +626,17 @@ fn a_request_body_waits_for_the_decision() {
     assert_eq!(s.send_request_body(b"\"+1\"}", true).unwrap(), Action::Pause);
     assert!(!matches!(s.outcome(), Outcome::Passed(_)));
 
+    // The key's lookup is reused (well within key_cache_ttl_ms): the only
+    // callout is the hold, and the body still waits for it.
     let mut s = p.http().unwrap();
     assert_eq!(s.send_request_headers(&raw, false).unwrap(), Action::Pause);
-    s.answer_next(key_record(&["sms:send"], "active", 5)).unwrap();
+    assert_eq!(s.send_request_body(b"{", false).unwrap(), Action::Pause);
+    let calls = s.pending_callouts();
+    assert_eq!(calls.iter().map(|c| c.path()).collect::<Vec<_>>(), vec!["/v1/holds".to_string()]);
     s.answer_next(held("hold_b", 1, 4)).unwrap();
     assert!(matches!(s.outcome(), Outcome::Passed(_)));
-    assert_eq!(s.send_request_body(b"{}", true).unwrap(), Action::Continue);
+    assert_eq!(s.send_request_body(b"}", true).unwrap(), Action::Continue);
+    assert_eq!(p.metric("dialtone.cache.key.hit").map(|m| m.value), Some(1));
 }
 
 /// Decisions by outcome, callouts by result and their latency, settlements:
@@ -650,6 +655,8 @@ fn metrics_count_what_happened() {
     s.request(&request("GET", "/healthz", &[])).unwrap();
     let mut s = p.http().unwrap();
     s.request(&request("GET", "/api/v1/account", &[])).unwrap();
+    // Past the key cache's TTL: the next request looks the key up again.
+    p.advance(std::time::Duration::from_secs(1));
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("authorization", &auth)])).unwrap();
     s.answer_next(CallAnswer::Failed).unwrap();
@@ -670,6 +677,7 @@ fn metrics_count_what_happened() {
     assert_eq!(count("dialtone.callout.answered"), 4);
     assert_eq!(count("dialtone.hold.captured"), 1);
     assert_eq!(count("dialtone.denied.insufficient_credits"), 0);
+    assert_eq!((count("dialtone.cache.key.miss"), count("dialtone.cache.key.hit")), (3, 0));
     let latency = p.metric("dialtone.callout.latency_ms").unwrap();
     assert_eq!(latency.samples.len(), 6);
 }

@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 
 /// Admin keys shorter than this are refused: the key bypasses every check.
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
+/// The longest a key lookup may be reused: the revocation delay's bound.
+pub const MAX_KEY_CACHE_TTL_MS: u64 = 1000;
+/// Per cache, per VM (a few hundred bytes each).
+pub const MAX_CACHE_ENTRIES: usize = 65_536;
 
 #[derive(Debug)]
 pub struct Config {
@@ -39,6 +43,8 @@ pub struct ServiceConfig {
     pub holds_path: String,
     pub ratelimit_path: String,
     pub hold_ttl_seconds: u64,
+    pub key_cache_ttl_ms: u64,
+    pub key_cache_entries: usize,
 }
 
 #[derive(Debug)]
@@ -46,6 +52,7 @@ pub struct PrivyConfig {
     pub verifier: PrivyVerifier,
     pub accept_cookie: bool,
     pub jwks_fetch: Option<JwksFetch>,
+    pub token_cache_entries: usize,
 }
 
 /// Where and how often the issuer's JWKS is fetched.
@@ -265,6 +272,15 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
     if !(1..=3600).contains(&s.hold_ttl_seconds) {
         err("$.credits_service.hold_ttl_seconds".into(), "must be between 1 and 3600".into());
     }
+    if s.key_cache_ttl_ms > MAX_KEY_CACHE_TTL_MS {
+        err(
+            "$.credits_service.key_cache_ttl_ms".into(),
+            format!("must be between 0 and {MAX_KEY_CACHE_TTL_MS} (a revoked key must be refused within a second)"),
+        );
+    }
+    if s.key_cache_entries > MAX_CACHE_ENTRIES {
+        err("$.credits_service.key_cache_entries".into(), format!("must be between 0 and {MAX_CACHE_ENTRIES}"));
+    }
     let service = ServiceConfig {
         cluster: s.cluster.clone(),
         authority: s.authority.clone().unwrap_or_else(|| s.cluster.clone()),
@@ -275,6 +291,8 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         holds_path: s.holds_path.trim_end_matches('/').to_owned(),
         ratelimit_path: s.ratelimit_path.clone(),
         hold_ttl_seconds: s.hold_ttl_seconds,
+        key_cache_ttl_ms: s.key_cache_ttl_ms,
+        key_cache_entries: s.key_cache_entries,
     };
     let rate_limit = raw.rate_limit.map(|rl| RateLimit { burst: Some(rl.burst.unwrap_or(rl.requests)), ..rl });
     if let Some(rl) = &rate_limit {
@@ -316,6 +334,9 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         }
         if !(0..=600).contains(&p.leeway_seconds) {
             err("$.privy.leeway_seconds".into(), "must be between 0 and 600".into());
+        }
+        if p.token_cache_entries > MAX_CACHE_ENTRIES {
+            err("$.privy.token_cache_entries".into(), format!("must be between 0 and {MAX_CACHE_ENTRIES}"));
         }
         if let Some(pem) = &p.verification_key {
             match privy_jwt::key_from_pem(pem) {
@@ -375,6 +396,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             },
             accept_cookie: p.accept_cookie,
             jwks_fetch,
+            token_cache_entries: p.token_cache_entries,
         })
     });
 

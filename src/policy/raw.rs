@@ -86,6 +86,21 @@ pub struct RawService {
     /// A hold nobody settles is released by the service after this long.
     #[serde(default = "default_hold_ttl")]
     pub hold_ttl_seconds: u64,
+    /// How long an active key's lookup is reused by a VM, in ms (0 = ask the
+    /// service on every request). At most 1000: a revoked key is refused
+    /// within this long on every Envoy worker and replica.
+    #[serde(default = "default_key_cache_ttl_ms")]
+    pub key_cache_ttl_ms: u64,
+    /// Key lookups a VM keeps at most.
+    #[serde(default = "default_cache_entries")]
+    pub key_cache_entries: usize,
+}
+
+fn default_key_cache_ttl_ms() -> u64 {
+    500
+}
+fn default_cache_entries() -> usize {
+    1024
 }
 
 fn default_holds_path() -> String {
@@ -137,6 +152,11 @@ pub struct RawPrivy {
     /// working alongside.
     #[serde(default)]
     pub jwks_fetch: Option<RawJwksFetch>,
+    /// Verified tokens a VM keeps (keyed by the token's SHA-256, until its
+    /// `exp`), so a repeated token skips the signature check. 0 = verify
+    /// every request.
+    #[serde(default = "default_cache_entries")]
+    pub token_cache_entries: usize,
 }
 
 #[derive(Debug, Deserialize)]

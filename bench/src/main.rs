@@ -1,0 +1,636 @@
+//! `make bench`: what dialtone costs per request, next to what Envoy already
+//! offers, in one run on one machine.
+//!
+//! The Envoy under test runs with one worker (`--concurrency 1`) pinned to
+//! CPU 0; wrk (one thread, 16 connections) and a second "backend" Envoy that
+//! plays the upstream, the ext_authz server and the trivial credits stand-in
+//! (all `direct_response`) are pinned to CPU 1. Each variant gets a fresh
+//! Envoy, a warm-up, then a timed wrk run. Results are printed as a table
+//! with ratios to A (passthrough) and W0 (an empty wasm filter) and written
+//! to `target/bench/results.json`.
+//!
+//! Variants:
+//! - A   passthrough (router only)
+//! - W0  an empty proxy-wasm filter (bench/empty-filter), same V8 runtime
+//! - B1  jwt_authn, ES256, with its JWT cache, one repeated token
+//! - B2  jwt_authn, ES256, no cache (verifies every request), one repeated token
+//! - B2f jwt_authn, no cache, a fresh token every request
+//! - C   ext_authz over HTTP to a trivial server
+//! - D1  dialtone, a repeated Privy token, free route
+//! - D2  dialtone, a fresh Privy token every request, free route
+//! - D3  dialtone, an API key, free scoped route (lookups from the real key/credits service, cached ≤ 500 ms)
+//! - D4  dialtone, an API key, paid route (up-front debit), credits callout to the trivial stand-in
+//! - D5  dialtone, a Privy token, paid route, credits callout to the trivial stand-in
+//! - D4r dialtone, an API key, paid route, the real key/credits service (SQLite, one ledger write per request)
+//!
+//! Environment: BENCH_SECONDS (10), BENCH_WARMUP_SECONDS (2),
+//! BENCH_CONNECTIONS (16), BENCH_ONLY ("A,W0,D1": run only these).
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dialtone_devstack::{free_port, tokens, Paths};
+use serde_json::{json, Value};
+
+const APP_ID: &str = "bench-app";
+const ACCOUNT: &str = "did:privy:bench";
+const SCOPE: &str = "bench:read";
+/// Fresh tokens minted for D2/B2f: more than any run sends at their rate,
+/// and far more than the token cache holds, so none is ever seen twice.
+const FRESH_TOKENS: usize = 60_000;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Setup {
+    paths: Paths,
+    dir: PathBuf,
+    empty_wasm: PathBuf,
+    seconds: u64,
+    warmup: u64,
+    connections: u32,
+    backend: Backend,
+    credits_port: u16,
+    pem: String,
+    jwks: String,
+    token: String,
+    api_key: String,
+}
+
+/// The second Envoy: upstream, ext_authz server and credits stand-in.
+struct Backend {
+    upstream: u16,
+    authz: u16,
+    standin: u16,
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Clone)]
+enum Load {
+    /// The same `Authorization` on every request (or none).
+    Fixed(Option<String>),
+    /// A fresh token per request, from this file (one per line).
+    Fresh(PathBuf),
+}
+
+struct Variant {
+    id: &'static str,
+    what: &'static str,
+    filters: String,
+    path: &'static str,
+    load: Load,
+    credits_cluster_port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+struct Measured {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    non_2xx: u64,
+    errors: u64,
+    rss_kib: u64,
+}
+
+fn run() -> Result<(), String> {
+    let paths = Paths::discover()?;
+    let dir = paths.root.join("target/bench");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let empty_wasm = paths.root.join("target/wasm32-wasip1/wasm-release/dialtone_bench_empty_filter.wasm");
+    if !empty_wasm.exists() {
+        return Err(format!("{} missing: run `make bench` (it builds it)", empty_wasm.display()));
+    }
+    for tool in ["wrk", "taskset"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map_or(true, |s| !s.success()) {
+            return Err(format!("{tool} not found: `make bench` installs it (apt-get install wrk util-linux)"));
+        }
+    }
+    let env_num = |var: &str, default: u64| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+
+    // Keys and tokens.
+    let key = tokens::load_or_create_key(&dir.join("bench-signing-key.pem"))?;
+    let pem = tokens::public_pem(&key)?;
+    let point = key.verifying_key().to_encoded_point(false);
+    let (x, y) = (point.x().ok_or("no x")?, point.y().ok_or("no y")?);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "bench",
+        "x": tokens::b64(x), "y": tokens::b64(y)}]})
+    .to_string();
+    let now = tokens::now_unix();
+    let mint = |i: usize| {
+        tokens::sign_es256(
+            &key,
+            &json!({"alg": "ES256", "typ": "JWT", "kid": "bench"}),
+            &json!({"sid": format!("bench-session-{i}"), "iss": "privy.io", "iat": now - 5, "aud": APP_ID, "sub": ACCOUNT, "exp": now + 7200}),
+        )
+    };
+    let token = mint(0);
+    let fresh_file = dir.join("fresh-tokens.txt");
+    let started = Instant::now();
+    let mut fresh = String::with_capacity(FRESH_TOKENS * 300);
+    for i in 1..=FRESH_TOKENS {
+        let _ = writeln!(fresh, "{}", mint(i));
+    }
+    std::fs::write(&fresh_file, fresh).map_err(|e| e.to_string())?;
+    eprintln!("bench: minted {FRESH_TOKENS} tokens in {:?}", started.elapsed());
+
+    // The real key/credits service (SQLite), on CPU 1.
+    let db = dir.join("credits.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let cli = |args: &[&str]| -> Result<String, String> {
+        let out = Command::new(&paths.credits_bin).arg("--db").arg(&db).args(args).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("dialtone-credits {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    cli(&["account", "create", ACCOUNT, "--credits", "100000000"])?;
+    let created: Value = serde_json::from_str(cli(&["key", "create", ACCOUNT, "--json", "--scopes", SCOPE])?.trim())
+        .map_err(|e| e.to_string())?;
+    let api_key = created["secret"].as_str().ok_or("no secret")?.to_owned();
+    let credits_port = free_port()?;
+    let credits_upstream_port = free_port()?;
+    let _credits = spawn(
+        "dialtone-credits",
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&paths.credits_bin)
+            .arg("--db")
+            .arg(&db)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{credits_port}")])
+            .args(["--upstream-listen", &format!("127.0.0.1:{credits_upstream_port}")]),
+        &dir.join("credits.log"),
+    )?;
+    wait_http(&format!("http://127.0.0.1:{credits_port}/healthz"))?;
+
+    // The backend Envoy.
+    let backend = Backend { upstream: free_port()?, authz: free_port()?, standin: free_port()? };
+    let backend_admin = free_port()?;
+    let prefix = api_key.get(10..18).ok_or("short key")?;
+    let backend_yaml = backend_config(&backend, backend_admin, prefix);
+    let backend_cfg = dir.join("backend.yaml");
+    std::fs::write(&backend_cfg, backend_yaml).map_err(|e| e.to_string())?;
+    let _backend = spawn_envoy(&paths, &backend_cfg, backend_admin, "1", &dir.join("backend.log"))?;
+
+    let setup = Setup {
+        paths,
+        dir,
+        empty_wasm,
+        seconds: env_num("BENCH_SECONDS", 10),
+        warmup: env_num("BENCH_WARMUP_SECONDS", 2),
+        connections: u32::try_from(env_num("BENCH_CONNECTIONS", 16)).unwrap_or(16),
+        backend,
+        credits_port,
+        pem,
+        jwks,
+        token,
+        api_key,
+    };
+    let only: Option<Vec<String>> =
+        std::env::var("BENCH_ONLY").ok().map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let mut results: Vec<(Variant, Measured)> = Vec::new();
+    for v in variants(&setup, &fresh_file) {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|id| id == v.id)) {
+            continue;
+        }
+        eprintln!("bench: {} — {}", v.id, v.what);
+        let m = measure(&setup, &v)?;
+        eprintln!("bench: {} {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs", v.id, m.rps, m.p50_us, m.p99_us);
+        results.push((v, m));
+    }
+    report(&setup, &results)
+}
+
+fn variants(s: &Setup, fresh: &Path) -> Vec<Variant> {
+    let bearer = |t: &str| Some(format!("Bearer {t}"));
+    let jwt = |cache: bool| {
+        let cache = if cache { "\n          jwt_cache_config: { jwt_cache_size: 1000 }" } else { "" };
+        format!(
+            r#"
+  - name: envoy.filters.http.jwt_authn
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+      providers:
+        privy:
+          issuer: privy.io
+          audiences: ["{APP_ID}"]
+          local_jwks:
+            inline_string: '{jwks}'
+          forward: false{cache}
+      rules:
+      - match: {{ prefix: "/" }}
+        requires: {{ provider_name: privy }}"#,
+            jwks = s.jwks
+        )
+    };
+    let authz = format!(
+        r#"
+  - name: envoy.filters.http.ext_authz
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+      transport_api_version: V3
+      failure_mode_allow: false
+      http_service:
+        server_uri: {{ uri: "http://127.0.0.1:{port}", cluster: authz, timeout: 1s }}
+        authorization_request:
+          allowed_headers:
+            patterns: [{{ exact: authorization }}]"#,
+        port = s.backend.authz
+    );
+    let dialtone = |_: u16| wasm_filter(&s.paths.wasm, Some(&plugin_config(s)));
+    let standin = s.backend.standin;
+    vec![
+        Variant { id: "A", what: "Envoy passthrough (router only)", filters: String::new(), path: "/free", load: Load::Fixed(None), credits_cluster_port: None },
+        Variant { id: "W0", what: "an empty wasm filter (V8)", filters: wasm_filter(&s.empty_wasm, None), path: "/free", load: Load::Fixed(None), credits_cluster_port: None },
+        Variant { id: "B1", what: "jwt_authn ES256, JWT cache on, repeated token", filters: jwt(true), path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: None },
+        Variant { id: "B2", what: "jwt_authn ES256, no cache, repeated token", filters: jwt(false), path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: None },
+        Variant { id: "B2f", what: "jwt_authn ES256, no cache, fresh token per request", filters: jwt(false), path: "/free", load: Load::Fresh(fresh.to_path_buf()), credits_cluster_port: None },
+        Variant { id: "C", what: "ext_authz over HTTP to a trivial server", filters: authz, path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: None },
+        Variant { id: "D1", what: "dialtone: repeated Privy token, free route", filters: dialtone(standin), path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: Some(standin) },
+        Variant { id: "D2", what: "dialtone: fresh Privy token per request, free route", filters: dialtone(standin), path: "/free", load: Load::Fresh(fresh.to_path_buf()), credits_cluster_port: Some(standin) },
+        Variant { id: "D3", what: "dialtone: API key, free scoped route (real service, cached lookups)", filters: dialtone(s.credits_port), path: "/free", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(s.credits_port) },
+        Variant { id: "D4", what: "dialtone: API key, paid route, debit callout to the trivial stand-in", filters: dialtone(standin), path: "/paid", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(standin) },
+        Variant { id: "D5", what: "dialtone: Privy token, paid route, debit callout to the trivial stand-in", filters: dialtone(standin), path: "/paid", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: Some(standin) },
+        Variant { id: "D4r", what: "dialtone: API key, paid route, real key/credits service (SQLite ledger)", filters: dialtone(s.credits_port), path: "/paid", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(s.credits_port) },
+    ]
+}
+
+/// dialtone's policy for the bench: a free scoped route and a paid one
+/// (up-front debit: one callout per request).
+fn plugin_config(s: &Setup) -> String {
+    json!({
+        "credits_service": {"cluster": "dialtone_credits", "timeout_ms": 2000},
+        "privy": {"app_id": APP_ID, "verification_key": s.pem},
+        "routes": [
+            {"name": "free", "path": {"prefix": "/free"}, "scope": SCOPE},
+            {"name": "paid", "path": {"prefix": "/paid"}, "scope": SCOPE, "cost": 1, "charge": "up_front"}
+        ]
+    })
+    .to_string()
+}
+
+fn wasm_filter(wasm: &Path, configuration: Option<&str>) -> String {
+    let configuration = configuration
+        .map(|c| {
+            format!(
+                "\n        configuration:\n          \"@type\": type.googleapis.com/google.protobuf.StringValue\n          value: {}",
+                serde_json::to_string(c).unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"
+  - name: envoy.filters.http.wasm
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+      config:
+        name: bench
+        fail_open: false{configuration}
+        vm_config:
+          vm_id: bench
+          runtime: envoy.wasm.runtime.v8
+          code: {{ local: {{ filename: "{}" }} }}"#,
+        wasm.display()
+    )
+}
+
+fn cluster(name: &str, port: u16) -> String {
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{{ max_connections: 1024, max_pending_requests: 8192, max_requests: 8192 }}]
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"#
+    )
+}
+
+fn tested_config(s: &Setup, v: &Variant, listen: u16, admin: u16) -> String {
+    let mut clusters = cluster("upstream", s.backend.upstream);
+    clusters.push_str(&cluster("authz", s.backend.authz));
+    clusters.push_str(&cluster("dialtone_credits", v.credits_cluster_port.unwrap_or(s.backend.standin)));
+    format!(
+        r#"# Written by `make bench` (bench/src/main.rs): variant {id}, {what}.
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:{clusters}
+"#,
+        id = v.id,
+        what = v.what,
+        filters = indent(&v.filters, 8),
+    )
+}
+
+fn indent(block: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    block.lines().map(|l| if l.is_empty() { String::new() } else { format!("\n{pad}{l}") }).collect::<Vec<_>>().join("")
+}
+
+/// The backend Envoy: the upstream (`ok`), the ext_authz server (200 for
+/// everything) and the credits stand-in (a fixed lookup record and a fixed
+/// debit answer for the bench account), each a `direct_response`.
+fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
+    let lookup = json!({"account": ACCOUNT, "key_prefix": key_prefix, "kind": "api_key", "scopes": [SCOPE],
+        "state": "active", "expires_at": null, "balance": 1_000_000})
+    .to_string();
+    let debit = json!({"account": ACCOUNT, "charged": 1, "balance": 999_999, "replayed": false}).to_string();
+    let listener = |name: &str, port: u16, routes: String| {
+        format!(
+            r#"
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:{routes}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
+        )
+    };
+    let answer = |prefix: &str, body: &str| {
+        format!(
+            "\n              - match: {{ prefix: \"{prefix}\" }}\n                direct_response: {{ status: 200, body: {{ inline_string: {} }} }}",
+            serde_json::to_string(body).unwrap_or_default()
+        )
+    };
+    let mut listeners = listener("upstream", b.upstream, answer("/", "ok"));
+    listeners.push_str(&listener("authz", b.authz, answer("/", "")));
+    listeners.push_str(&listener(
+        "standin",
+        b.standin,
+        format!("{}{}", answer("/v1/keys/lookup", &lookup), answer("/v1/debit", &debit)),
+    ));
+    format!(
+        "# Written by `make bench`: the backend (upstream, ext_authz server, credits stand-in).\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\nstatic_resources:\n  listeners:{listeners}\n"
+    )
+}
+
+fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc, String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().map_err(|e| format!("starting {name}: {e}"))?;
+    Ok(Proc(child))
+}
+
+fn spawn_envoy(paths: &Paths, cfg: &Path, admin: u16, cpu: &str, log: &Path) -> Result<Proc, String> {
+    let p = spawn(
+        "envoy",
+        Command::new("taskset")
+            .args(["-c", cpu])
+            .arg(&paths.envoy)
+            .arg("-c")
+            .arg(cfg)
+            .args(["--concurrency", "1", "--log-level", "warn", "--disable-hot-restart"])
+            .args(["--base-id", &admin.to_string()]),
+        log,
+    )?;
+    wait_http(&format!("http://127.0.0.1:{admin}/ready")).map_err(|e| {
+        let mut s = String::new();
+        let _ = std::fs::File::open(log).and_then(|mut f| f.read_to_string(&mut s));
+        format!("{e}\n{s}")
+    })?;
+    Ok(p)
+}
+
+fn wait_http(url: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if ureq::get(url).timeout(Duration::from_secs(1)).call().is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{url} not ready after 30 s"))
+}
+
+fn measure(s: &Setup, v: &Variant) -> Result<Measured, String> {
+    let (listen, admin) = (free_port()?, free_port()?);
+    let cfg = s.dir.join(format!("envoy-{}.yaml", v.id));
+    std::fs::write(&cfg, tested_config(s, v, listen, admin)).map_err(|e| e.to_string())?;
+    let envoy = spawn_envoy(&s.paths, &cfg, admin, "0", &s.dir.join(format!("envoy-{}.log", v.id)))?;
+    let url = format!("http://127.0.0.1:{listen}{}", v.path);
+    // A request that must pass before anything is timed: a misconfigured
+    // variant fails here, not as a fast stream of errors.
+    let mut probe = ureq::get(&url);
+    if let Load::Fixed(Some(auth)) = &v.load {
+        probe = probe.set("authorization", auth);
+    }
+    if let Load::Fresh(_) = &v.load {
+        probe = probe.set("authorization", &format!("Bearer {}", s.token));
+    }
+    probe.call().map_err(|e| format!("{}: the probe request failed: {e}", v.id))?;
+    let script = s.dir.join(format!("wrk-{}.lua", v.id));
+    std::fs::write(&script, wrk_script(&v.load)).map_err(|e| e.to_string())?;
+    let _ = wrk(s, &url, &script, s.warmup)?;
+    let out = wrk(s, &url, &script, s.seconds)?;
+    let mut m = parse_wrk(&out).ok_or_else(|| format!("{}: cannot read wrk's output:\n{out}", v.id))?;
+    m.rss_kib = rss_kib(envoy.0.id()).unwrap_or(0);
+    if m.non_2xx > 0 || m.errors > 0 {
+        return Err(format!("{}: {} non-2xx answers and {} socket errors: the numbers would lie\n{out}", v.id, m.non_2xx, m.errors));
+    }
+    std::fs::write(s.dir.join(format!("stats-{}.txt", v.id)), stats(admin)).map_err(|e| e.to_string())?;
+    drop(envoy);
+    Ok(m)
+}
+
+fn stats(admin: u16) -> String {
+    ureq::get(&format!("http://127.0.0.1:{admin}/stats?filter=dialtone|jwt_authn|ext_authz"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default()
+}
+
+fn wrk_script(load: &Load) -> String {
+    let done = "\nfunction done(summary, latency, requests)\n  io.write(string.format(\"DIALTONE p50=%d p99=%d non2xx=%d\\n\", latency:percentile(50), latency:percentile(99), summary.errors.status))\nend\n";
+    match load {
+        Load::Fixed(None) => done.to_owned(),
+        Load::Fixed(Some(auth)) => format!("wrk.headers[\"Authorization\"] = \"{auth}\"\n{done}"),
+        Load::Fresh(file) => format!(
+            r#"local tokens = {{}}
+for line in io.lines("{}") do tokens[#tokens + 1] = "Bearer " .. line end
+local i = 0
+request = function()
+  i = i + 1
+  if i > #tokens then i = 1 end
+  return wrk.format(nil, nil, {{ ["Authorization"] = tokens[i] }})
+end
+{done}"#,
+            file.display()
+        ),
+    }
+}
+
+fn wrk(s: &Setup, url: &str, script: &Path, seconds: u64) -> Result<String, String> {
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1"])
+        .arg(format!("-c{}", s.connections))
+        .arg(format!("-d{seconds}s"))
+        .arg("-s")
+        .arg(script)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(text)
+}
+
+fn parse_wrk(out: &str) -> Option<Measured> {
+    let rps = out.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
+    let requests = out.lines().find_map(|l| l.split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))?;
+    let line = out.lines().find(|l| l.starts_with("DIALTONE "))?;
+    let field = |name: &str| -> Option<f64> {
+        line.split_whitespace().find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')).and_then(|v| v.parse().ok()))
+    };
+    let errors = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|l| l.split(',').filter_map(|p| p.split_whitespace().last().and_then(|n| n.parse::<u64>().ok())).sum())
+        .unwrap_or(0);
+    Some(Measured {
+        rps,
+        p50_us: field("p50")?,
+        p99_us: field("p99")?,
+        requests,
+        non_2xx: field("non2xx")? as u64,
+        errors,
+        rss_kib: 0,
+    })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    // taskset execs Envoy in place, so the pid is Envoy's.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|n| n.parse().ok())
+}
+
+fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
+    let rps = |id: &str| results.iter().find(|(v, _)| v.id == id).map(|(_, m)| m.rps);
+    let (a, w0) = (rps("A"), rps("W0"));
+    let ratio = |x: f64, base: Option<f64>| base.filter(|b| *b > 0.0).map(|b| x / b);
+    let wasm_bytes = std::fs::metadata(&s.paths.wasm).map(|m| m.len()).unwrap_or(0);
+    let rss_w0 = results.iter().find(|(v, _)| v.id == "W0").map(|(_, m)| m.rss_kib);
+    println!();
+    println!(
+        "make bench: 1 Envoy worker on CPU 0; wrk -t1 -c{} -d{}s and the backend on CPU 1; dialtone.wasm {} bytes",
+        s.connections, s.seconds, wasm_bytes
+    );
+    println!("{:<4} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9}  what", "id", "req/s", "×A", "×W0", "p50 µs", "p99 µs", "RSS MiB");
+    let mut rows = Vec::new();
+    for (v, m) in results {
+        let (ra, rw) = (ratio(m.rps, a), ratio(m.rps, w0));
+        let f = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}"));
+        println!(
+            "{:<4} {:>9.0} {:>7} {:>7} {:>8.0} {:>8.0} {:>9.1}  {}",
+            v.id,
+            m.rps,
+            f(ra),
+            f(rw),
+            m.p50_us,
+            m.p99_us,
+            m.rss_kib as f64 / 1024.0,
+            v.what
+        );
+        rows.push(json!({"id": v.id, "what": v.what, "requests_per_second": m.rps, "ratio_to_A": ra, "ratio_to_W0": rw,
+            "p50_us": m.p50_us, "p99_us": m.p99_us, "requests": m.requests, "envoy_rss_kib": m.rss_kib,
+            "envoy_rss_kib_over_W0": rss_w0.map(|w| m.rss_kib as i64 - w as i64)}));
+    }
+    // The issue's targets, as ratios within this run.
+    let target = |name: &str, id: &str, base_id: &str, min: f64| {
+        let (x, b) = (rps(id), rps(base_id));
+        let r = match (x, b) {
+            (Some(x), Some(b)) if b > 0.0 => Some(x / b),
+            _ => None,
+        };
+        let met = r.map(|r| r >= min);
+        println!(
+            "target {name:<44} {id} / {base_id} = {} (≥ {min}) {}",
+            r.map_or("-".into(), |r| format!("{r:.2}")),
+            match met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "not measured",
+            }
+        );
+        json!({"target": name, "variant": id, "baseline": base_id, "ratio": r, "minimum": min, "met": met})
+    };
+    println!();
+    let targets = vec![
+        target("repeated Privy token, free route", "D1", "W0", 0.9),
+        target("API key, free scoped route", "D3", "W0", 0.9),
+        target("API key, paid route", "D4", "C", 1.0),
+        target("Privy token, paid route", "D5", "C", 1.0),
+        target("fresh token every request", "D2", "B2", 0.5),
+    ];
+    let size_ok = wasm_bytes <= 512 * 1024;
+    println!("target {:<44} {wasm_bytes} bytes (≤ 524288) {}", ".wasm size", if size_ok { "met" } else { "NOT met" });
+    let out = s.dir.join("results.json");
+    let doc = json!({
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "setup": {"envoy_workers": 1, "envoy_cpu": 0, "load_cpu": 1, "wrk_threads": 1, "connections": s.connections,
+                  "seconds": s.seconds, "warmup_seconds": s.warmup},
+        "wasm_bytes": wasm_bytes,
+        "variants": rows,
+        "targets": targets,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| e.to_string())?;
+    println!("\nwritten: {}", out.display());
+    Ok(())
+}
