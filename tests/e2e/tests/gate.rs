@@ -141,6 +141,9 @@ fn api_keys_scopes_and_credits() {
     assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "unknown API key");
     let prefix = &key["dial_live_".len().."dial_live_".len() + 8];
     t.stack.cli(&["key", "revoke", prefix]).unwrap();
+    // The VM may reuse the key's lookup for key_cache_ttl_ms (500 ms; the
+    // bound is proven in credits.rs): wait it out.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     let r = t.get("/api/v1/account", &[("authorization", &bearer(&key))]);
     assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "API key revoked");
 
@@ -153,6 +156,10 @@ fn api_keys_scopes_and_credits() {
     let db = rusqlite::Connection::open(&t.stack.db).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
     db.execute("UPDATE keys SET expires_at = ?1 WHERE prefix = ?2", rusqlite::params![tokens::now_unix() - 1, &token[6..14]]).unwrap();
+    // An expiry moved earlier after the lookup is cached is seen like a
+    // revocation: within key_cache_ttl_ms. (An expiry the record already
+    // carried is checked on every request, cached or not.)
+    std::thread::sleep(std::time::Duration::from_millis(600));
     let r = t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY);
     assert_eq!(r.assert_refusal(401, "unauthorized")["message"], "API key expired");
     assert_eq!(t.stack.balance(USER).unwrap(), 4);
