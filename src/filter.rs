@@ -328,12 +328,17 @@ impl Gate {
 
     /// The decision for the request as it stands (headers read from the host).
     fn decide(&self, cfg: &Config) -> Decision {
-        let headers = self.get_http_request_headers_bytes();
+        self.decide_on(cfg, &self.get_http_request_headers_bytes())
+    }
+
+    /// The decision for the request with these headers (read once per
+    /// callback: each read copies every header into the VM).
+    fn decide_on(&self, cfg: &Config, headers: &[(String, Vec<u8>)]) -> Decision {
         let values = |name: &str| -> Vec<&[u8]> {
             headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect()
         };
-        let (method, path) = (header_str(&headers, ":method"), header_str(&headers, ":path"));
-        let (scheme, authority) = (header_str(&headers, ":scheme"), header_str(&headers, ":authority"));
+        let (method, path) = (header_str(headers, ":method"), header_str(headers, ":path"));
+        let (scheme, authority) = (header_str(headers, ":scheme"), header_str(headers, ":authority"));
         let jwks = self.jwks.borrow();
         let req = Request {
             method: &method,
@@ -566,7 +571,8 @@ impl HttpContext for Gate {
             let nanos = self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             self.request_id = format!("dialtone-{nanos}-{}", self.context_id);
         }
-        let decision = self.decide(&cfg);
+        // The identity headers just removed are not read by the decision.
+        let decision = self.decide_on(&cfg, &headers);
         self.apply_or_fetch_keys(&cfg, decision)
     }
 
