@@ -47,14 +47,11 @@ $(WASM_OPT):
 	cd .tools && npm install --no-save --no-audit --no-fund --silent binaryen@$(BINARYEN_VERSION)
 	@$(WASM_OPT) --version
 
-# cargo's output is optimised in place when cargo (re)built it: the stamp
-# says which build was optimised, so a no-op build is not optimised twice.
+# cargo's output is optimised in place (scripts/wasm-opt.sh says why it
+# keeps the optimised copy beside it).
 wasm: wasm-target $(WASM_OPT)
 	$(CARGO) build --profile wasm-release --target $(WASM_TARGET) -p dialtone --lib
-	@if [ ! -f $(WASM).opt-stamp ] || [ $(WASM) -nt $(WASM).opt-stamp ]; then \
-	  echo "wasm-opt: $$(stat -c %s $(WASM)) bytes from rustc"; \
-	  $(WASM_OPT) $(WASM_OPT_FLAGS) $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && touch $(WASM).opt-stamp; \
-	fi
+	@scripts/wasm-opt.sh $(WASM_OPT) $(WASM) $(WASM_OPT_FLAGS)
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
 build: wasm
@@ -118,7 +115,7 @@ EMPTY_WASM := target/$(WASM_TARGET)/wasm-release/dialtone_bench_empty_filter.was
 bench: build envoy $(WASM_OPT)
 	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(CARGO) build --profile wasm-release --target $(WASM_TARGET) -p dialtone-bench-empty-filter --lib
-	$(WASM_OPT) $(WASM_OPT_FLAGS) $(EMPTY_WASM) -o $(EMPTY_WASM).tmp && mv $(EMPTY_WASM).tmp $(EMPTY_WASM)
+	@scripts/wasm-opt.sh $(WASM_OPT) $(EMPTY_WASM) $(WASM_OPT_FLAGS)
 	$(CARGO) build --release -p dialtone-bench
 	./target/release/dialtone-bench
 

@@ -286,8 +286,11 @@ impl Gate {
                 if !cfg.forward_authorization && grant.identity.method != identity::AuthMethod::Anonymous {
                     self.set_http_request_header("authorization", None);
                 }
+                // Added, not replaced: every client-sent x-dialtone-* header
+                // was removed in on_http_request_headers (an add is one map
+                // insertion; a replace is a removal and an insertion).
                 for (name, value) in grant.identity.headers(grant.route.as_deref()) {
-                    self.set_http_request_header(name, Some(&value));
+                    self.add_http_request_header(name, &value);
                 }
                 log::debug!(
                     "allow route={} method={} prefix={} charged={}",

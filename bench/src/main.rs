@@ -107,6 +107,9 @@ struct Measured {
     non_2xx: u64,
     errors: u64,
     rss_kib: u64,
+    /// Busy share of CPU 0 (the Envoy under test) and CPU 1 (load + backend)
+    /// during the timed run, from /proc/stat: which side was the bottleneck.
+    cpu_busy: [f64; 2],
 }
 
 fn run() -> Result<(), String> {
@@ -379,7 +382,11 @@ fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
         "state": "active", "expires_at": null, "balance": 1_000_000})
     .to_string();
     let debit = json!({"account": ACCOUNT, "charged": 1, "balance": 999_999, "replayed": false}).to_string();
-    let listener = |name: &str, port: u16, routes: String| {
+    // The stand-in reads the whole callout (its JSON body) before answering:
+    // an Envoy that answers before the request is complete closes the
+    // connection, and every callout would pay a new connection.
+    let buffer = "\n          - name: envoy.filters.http.buffer\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer\n              max_request_bytes: 65536";
+    let listener = |name: &str, port: u16, routes: String, extra_filters: &str| {
         format!(
             r#"
   - name: {name}
@@ -395,7 +402,7 @@ fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
             - name: all
               domains: ["*"]
               routes:{routes}
-          http_filters:
+          http_filters:{extra_filters}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
@@ -407,12 +414,13 @@ fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
             serde_json::to_string(body).unwrap_or_default()
         )
     };
-    let mut listeners = listener("upstream", b.upstream, answer("/", "ok"));
-    listeners.push_str(&listener("authz", b.authz, answer("/", "")));
+    let mut listeners = listener("upstream", b.upstream, answer("/", "ok"), "");
+    listeners.push_str(&listener("authz", b.authz, answer("/", ""), buffer));
     listeners.push_str(&listener(
         "standin",
         b.standin,
         format!("{}{}", answer("/v1/keys/lookup", &lookup), answer("/v1/debit", &debit)),
+        buffer,
     ));
     format!(
         "# Written by `make bench`: the backend (upstream, ext_authz server, credits stand-in).\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\nstatic_resources:\n  listeners:{listeners}\n"
@@ -476,8 +484,34 @@ fn measure(s: &Setup, v: &Variant) -> Result<Measured, String> {
     let script = s.dir.join(format!("wrk-{}.lua", v.id));
     std::fs::write(&script, wrk_script(&v.load)).map_err(|e| e.to_string())?;
     let _ = wrk(s, &url, &script, s.warmup)?;
+    // BENCH_PERF=1: a CPU profile of the Envoy under test during the timed
+    // run (perf record, software clock), in target/bench/perf-<id>.data.
+    let perf = match std::env::var("BENCH_PERF").as_deref() {
+        Ok("1") => Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "4000", "-g", "-o"])
+            .arg(s.dir.join(format!("perf-{}.data", v.id)))
+            .args(["-p", &envoy.0.id().to_string(), "--", "sleep", &s.seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok(),
+        _ => None,
+    };
+    let before = cpu_times();
     let out = wrk(s, &url, &script, s.seconds)?;
+    let after = cpu_times();
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
     let mut m = parse_wrk(&out).ok_or_else(|| format!("{}: cannot read wrk's output:\n{out}", v.id))?;
+    for cpu in 0..2 {
+        if let (Some(b), Some(a)) = (before.get(cpu), after.get(cpu)) {
+            let (busy, total) = (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1));
+            if let Some(slot) = m.cpu_busy.get_mut(cpu) {
+                *slot = if total == 0 { 0.0 } else { busy as f64 / total as f64 };
+            }
+        }
+    }
     m.rss_kib = rss_kib(envoy.0.id()).unwrap_or(0);
     if m.non_2xx > 0 || m.errors > 0 {
         return Err(format!("{}: {} non-2xx answers and {} socket errors: the numbers would lie\n{out}", v.id, m.non_2xx, m.errors));
@@ -488,7 +522,7 @@ fn measure(s: &Setup, v: &Variant) -> Result<Measured, String> {
 }
 
 fn stats(admin: u16) -> String {
-    ureq::get(&format!("http://127.0.0.1:{admin}/stats?filter=dialtone|jwt_authn|ext_authz"))
+    ureq::get(&format!("http://127.0.0.1:{admin}/stats?filter=dialtone|jwt_authn|ext_authz|authz|upstream_cx_total|upstream_rq_total"))
         .call()
         .ok()
         .and_then(|r| r.into_string().ok())
@@ -552,7 +586,23 @@ fn parse_wrk(out: &str) -> Option<Measured> {
         non_2xx: field("non2xx")? as u64,
         errors,
         rss_kib: 0,
+        cpu_busy: [0.0; 2],
     })
+}
+
+/// (busy, total) jiffies per CPU, from /proc/stat.
+fn cpu_times() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let total: u64 = v.iter().sum();
+            // idle + iowait
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total.saturating_sub(idle), total)
+        })
+        .collect()
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -572,13 +622,16 @@ fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
         "make bench: 1 Envoy worker on CPU 0; wrk -t1 -c{} -d{}s and the backend on CPU 1; dialtone.wasm {} bytes",
         s.connections, s.seconds, wasm_bytes
     );
-    println!("{:<4} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9}  what", "id", "req/s", "×A", "×W0", "p50 µs", "p99 µs", "RSS MiB");
+    println!(
+        "{:<4} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>6} {:>6}  what",
+        "id", "req/s", "×A", "×W0", "p50 µs", "p99 µs", "RSS MiB", "cpu0", "cpu1"
+    );
     let mut rows = Vec::new();
     for (v, m) in results {
         let (ra, rw) = (ratio(m.rps, a), ratio(m.rps, w0));
         let f = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}"));
         println!(
-            "{:<4} {:>9.0} {:>7} {:>7} {:>8.0} {:>8.0} {:>9.1}  {}",
+            "{:<4} {:>9.0} {:>7} {:>7} {:>8.0} {:>8.0} {:>9.1} {:>5.0}% {:>5.0}%  {}",
             v.id,
             m.rps,
             f(ra),
@@ -586,10 +639,13 @@ fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
             m.p50_us,
             m.p99_us,
             m.rss_kib as f64 / 1024.0,
+            m.cpu_busy[0] * 100.0,
+            m.cpu_busy[1] * 100.0,
             v.what
         );
         rows.push(json!({"id": v.id, "what": v.what, "requests_per_second": m.rps, "ratio_to_A": ra, "ratio_to_W0": rw,
             "p50_us": m.p50_us, "p99_us": m.p99_us, "requests": m.requests, "envoy_rss_kib": m.rss_kib,
+            "cpu0_busy": m.cpu_busy[0], "cpu1_busy": m.cpu_busy[1],
             "envoy_rss_kib_over_W0": rss_w0.map(|w| m.rss_kib as i64 - w as i64)}));
     }
     // The issue's targets, as ratios within this run.
