@@ -65,10 +65,13 @@ impl Root {
         }
         match dispatch_jwks(self, &fetch) {
             Ok(token) => {
-                self.jwks.borrow_mut().started(now, false);
+                self.jwks.borrow_mut().started(&fetch, now, false);
                 self.jwks_token = Some(token);
             }
-            Err(status) => log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster),
+            Err(status) => {
+                self.jwks.borrow_mut().not_sent(now, false);
+                log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster)
+            }
         }
     }
 }
@@ -383,10 +386,16 @@ impl Gate {
         if let (true, Some(fetch)) = (unknown_kid, fetch) {
             let now = self.now();
             if self.jwks.borrow().may_fetch_for_unknown_kid(&fetch, now) {
-                if let Ok(token) = dispatch_jwks(self, &fetch) {
-                    self.jwks.borrow_mut().started(now, true);
-                    self.jwks_token = Some(token);
-                    return Action::Pause;
+                match dispatch_jwks(self, &fetch) {
+                    Ok(token) => {
+                        self.jwks.borrow_mut().started(&fetch, now, true);
+                        self.jwks_token = Some(token);
+                        return Action::Pause;
+                    }
+                    Err(status) => {
+                        self.jwks.borrow_mut().not_sent(now, true);
+                        log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster);
+                    }
                 }
             }
         }

@@ -40,7 +40,10 @@ pub struct JwksCache {
     pub last_attempt: Option<i64>,
     /// When a token's unknown `kid` last caused a fetch.
     pub last_unknown_kid_fetch: Option<i64>,
-    pub in_flight: bool,
+    /// A fetch is in flight until its answer, or until this second at the
+    /// latest: a fetch a request sent dies with the request (Envoy cancels a
+    /// stream's callouts), and its answer never comes.
+    pub in_flight_until: Option<i64>,
 }
 
 /// After a failed fetch, try again this soon (not only at the next refresh).
@@ -49,7 +52,7 @@ const RETRY_AFTER_FAILURE_SECS: i64 = 10;
 impl JwksCache {
     /// Is a scheduled fetch due at `now`?
     pub fn due(&self, fetch: &JwksFetch, now: i64) -> bool {
-        if self.in_flight {
+        if self.in_flight(now) {
             return false;
         }
         let refresh = i64::try_from(fetch.refresh_seconds).unwrap_or(i64::MAX);
@@ -68,18 +71,33 @@ impl JwksCache {
         self.last_unknown_kid_fetch.is_none_or(|t| now.saturating_sub(t) >= cooldown)
     }
 
-    pub fn started(&mut self, now: i64, for_unknown_kid: bool) {
+    /// Is a fetch still expected to answer at `now`?
+    pub fn in_flight(&self, now: i64) -> bool {
+        self.in_flight_until.is_some_and(|until| now < until)
+    }
+
+    /// A fetch was sent at `now`.
+    pub fn started(&mut self, fetch: &JwksFetch, now: i64, for_unknown_kid: bool) {
+        self.not_sent(now, for_unknown_kid);
+        // Envoy gives up on it after timeout_ms; a second of margin.
+        let timeout = i64::try_from(fetch.timeout_ms.div_ceil(1000)).unwrap_or(i64::MAX);
+        self.in_flight_until = Some(now.saturating_add(timeout).saturating_add(1));
+    }
+
+    /// A fetch could not even be sent at `now` (say, no such cluster): it
+    /// counts as an attempt, so the next one waits for the retry delay (or
+    /// the cooldown) instead of failing again on every tick or request.
+    pub fn not_sent(&mut self, now: i64, for_unknown_kid: bool) {
         self.last_attempt = Some(now);
         if for_unknown_kid {
             self.last_unknown_kid_fetch = Some(now);
         }
-        self.in_flight = true;
     }
 
     /// Takes a fetch's answer. On success the fetched keys replace the old
     /// ones; on any failure the last good keys stay.
     pub fn accept(&mut self, outcome: CallOutcome, max_bytes: usize, now: i64) -> Result<usize, JwksError> {
-        self.in_flight = false;
+        self.in_flight_until = None;
         let keys = parse_document(outcome, max_bytes, &self.keys)?;
         let n = keys.len();
         self.keys = keys;
@@ -132,13 +150,13 @@ mod tests {
         let f = fetch();
         let mut c = JwksCache::default();
         assert!(c.due(&f, 0), "fetch at start");
-        c.started(0, false);
+        c.started(&f, 0, false);
         assert!(!c.due(&f, 1), "not while one is in flight");
         assert_eq!(c.accept(answer(200, JWKS), f.max_bytes, 1), Ok(1));
         assert!(!c.due(&f, 300));
         assert!(c.due(&f, 301));
         // A failure keeps the keys and retries sooner than the refresh.
-        c.started(301, false);
+        c.started(&f, 301, false);
         assert_eq!(c.accept(answer(500, "oops"), f.max_bytes, 301), Err(JwksError::Status(500)));
         assert_eq!(c.keys.len(), 1);
         assert!(!c.due(&f, 305));
@@ -150,10 +168,35 @@ mod tests {
         let f = fetch();
         let mut c = JwksCache::default();
         assert!(c.may_fetch_for_unknown_kid(&f, 100));
-        c.started(100, true);
+        c.started(&f, 100, true);
         c.accept(CallOutcome::Failed, f.max_bytes, 100).unwrap_err();
         assert!(!c.may_fetch_for_unknown_kid(&f, 129));
         assert!(c.may_fetch_for_unknown_kid(&f, 130));
+    }
+
+    #[test]
+    fn a_fetch_that_never_answers_stops_blocking_the_schedule() {
+        let f = fetch(); // timeout 1000 ms
+        let mut c = JwksCache::default();
+        c.started(&f, 0, false);
+        c.accept(answer(200, JWKS), f.max_bytes, 0).unwrap();
+        // A request's unknown-kid fetch, cancelled with its stream: no answer.
+        c.started(&f, 100, true);
+        assert!(c.in_flight(101));
+        assert!(!c.in_flight(102), "given up after the timeout plus a second");
+        assert!(!c.due(&f, 299));
+        assert!(c.due(&f, 300), "the refresh schedule goes on");
+    }
+
+    #[test]
+    fn a_fetch_that_cannot_be_sent_waits_for_the_retry_delay() {
+        let f = fetch();
+        let mut c = JwksCache::default();
+        assert!(c.due(&f, 0));
+        c.not_sent(0, false);
+        assert!(!c.due(&f, 9) && c.due(&f, 10));
+        c.not_sent(20, true);
+        assert!(!c.may_fetch_for_unknown_kid(&f, 49) && c.may_fetch_for_unknown_kid(&f, 50));
     }
 
     #[test]

@@ -30,10 +30,19 @@ fuzz_target!(|data: &[u8]| {
 
     // A cache that already holds good keys, fetched at t=1000.
     let mut cache = JwksCache { keys: fetched_keys().to_vec(), fetched_at: Some(1000), ..JwksCache::default() };
-    cache.started(2000, false);
-    assert!(cache.in_flight);
+    let fetch = dialtone::policy::JwksFetch {
+        cluster: "jwks".into(),
+        authority: "jwks".into(),
+        path: "/jwks.json".into(),
+        refresh_seconds: 300,
+        timeout_ms: 2000,
+        max_bytes,
+        unknown_kid_cooldown_seconds: 30,
+    };
+    cache.started(&fetch, 2000, false);
+    assert!(cache.in_flight(2000));
     let result = cache.accept(outcome, max_bytes, 2000);
-    assert!(!cache.in_flight, "a fetch still in flight after its answer");
+    assert!(!cache.in_flight(2000), "a fetch still in flight after its answer");
     match result {
         Err(e) => {
             assert!(!e.to_string().is_empty());

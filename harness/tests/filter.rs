@@ -756,3 +756,35 @@ fn jwks_fetch_and_key_rotation_without_an_outage() {
     assert!(p.log_text(LogLevel::Warn).contains("keeping the last good keys"));
     assert!(p.crashed().is_none());
 }
+
+/// A JWKS fetch sent for a request's unknown kid dies with the request when
+/// the client goes away (Envoy cancels the stream's callouts): the VM's
+/// refresh schedule must not wait for its answer forever, or a key the
+/// issuer removed would keep verifying on that VM.
+#[test]
+fn a_jwks_fetch_lost_with_its_request_does_not_stop_the_refresh() {
+    let key = signing_key();
+    let mut cfg = demo_config();
+    let privy = cfg["privy"].as_object_mut().unwrap();
+    privy.remove("verification_key");
+    privy.insert("jwks_fetch".into(), json!({"cluster": "privy_api", "path": "/jwks.json", "refresh_seconds": 60, "unknown_kid_cooldown_seconds": 30, "timeout_ms": 2000}));
+    let mut p = start(&cfg);
+    let fetches = |p: &Plugin| p.callout_log().iter().filter(|c| c.upstream == "privy_api").count();
+    let first = p.pending_callouts().into_iter().next().expect("a JWKS fetch at start");
+    p.answer(first.token, CallAnswer::json(200, &jwks_of(&[("k1", &key)]))).unwrap();
+    // A token naming a kid nobody knows: the request waits for a fetch, and
+    // the client leaves before it answers.
+    let mut h = es256_header();
+    h["kid"] = json!("k-unknown");
+    let token = tokens::sign_es256(&key, &h, &claims());
+    let mut s = p.http().unwrap();
+    s.request(&request("GET", "/api/v1/account", &[("authorization", &format!("Bearer {token}"))])).unwrap();
+    assert_eq!(s.pending_callouts().len(), 1, "the unknown kid made the request fetch the JWKS");
+    s.close().unwrap();
+    assert_eq!(fetches(&p), 2);
+    // Past the refresh interval: the root context fetches again.
+    p.advance(std::time::Duration::from_secs(61));
+    p.tick().unwrap();
+    assert_eq!(fetches(&p), 3, "the scheduled refresh still runs");
+    assert!(p.crashed().is_none());
+}
