@@ -99,13 +99,17 @@ fn read_outcome(ctx: &dyn Context, num_headers: usize, body_size: usize, cap: us
 
 /// Logs a JWKS fetch's result; new keys make every cached token be verified
 /// again (a key that is gone must stop vouching for them).
-fn jwks_fetched(result: Result<usize, JwksError>, caches: &RefCell<Caches>) {
+fn jwks_fetched(result: Result<usize, JwksError>, caches: &RefCell<Caches>, metrics: &Metrics) {
     match result {
         Ok(n) => {
             caches.borrow_mut().keys_changed();
+            metrics.count(metrics::JWKS_FETCHED);
             log::info!("JWKS fetched: {n} ES256 key(s)")
         }
-        Err(e) => log::warn!("JWKS fetch failed ({e}); keeping the last good keys"),
+        Err(e) => {
+            metrics.count(metrics::JWKS_FAILED);
+            log::warn!("JWKS fetch failed ({e}); keeping the last good keys")
+        }
     }
 }
 
@@ -165,7 +169,7 @@ impl Context for Root {
         let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
         let now = self.now();
         let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
-        jwks_fetched(result, &self.caches);
+        jwks_fetched(result, &self.caches, &self.metrics);
     }
 }
 
@@ -524,7 +528,7 @@ impl Context for Gate {
                 let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
                 let now = self.now();
                 let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
-                jwks_fetched(result, &self.caches);
+                jwks_fetched(result, &self.caches, &self.metrics);
             }
             // Decide again with whatever keys we now have (no second fetch:
             // the cooldown has just started).

@@ -36,6 +36,11 @@ pub const CACHE_TOKEN_MISS: &str = "dialtone.cache.token.miss";
 pub const CACHE_KEY_HIT: &str = "dialtone.cache.key.hit";
 pub const CACHE_KEY_MISS: &str = "dialtone.cache.key.miss";
 
+/// Fetches of the issuer's JWKS: documents taken, and fetches that failed
+/// (no answer, a status other than 200, too large, not JSON, no usable key).
+pub const JWKS_FETCHED: &str = "dialtone.jwks.fetched";
+pub const JWKS_FAILED: &str = "dialtone.jwks.failed";
+
 /// Histogram: milliseconds from dispatch to answer, per callout.
 pub const CALLOUT_LATENCY_MS: &str = "dialtone.callout.latency_ms";
 
@@ -60,6 +65,8 @@ pub const COUNTERS: &[&str] = &[
     CACHE_TOKEN_MISS,
     CACHE_KEY_HIT,
     CACHE_KEY_MISS,
+    JWKS_FETCHED,
+    JWKS_FAILED,
 ];
 
 pub fn allowed(method: AuthMethod) -> &'static str {

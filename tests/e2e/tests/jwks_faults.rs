@@ -215,9 +215,10 @@ fn jwks_host_faults_keep_the_last_good_keys() {
     assert_eq!(t.get("/healthz", &[]).status, 200);
     assert!(t.stack.exited().is_none(), "a process died");
 
-    // Envoy's stats: every refusal counted, every pass counted. (The filter
-    // has no metric of its own for JWKS fetches: the log lines above are
-    // the only signal.)
+    // Envoy's stats: every refusal counted, every pass counted, and the
+    // fetches: at least the 404 at start, the host down, the 6 faults failed;
+    // at least 2 documents taken. (At least: the root context's own
+    // scheduled retries may add some.)
     let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone", &[], None).body;
     let value = |name: &str| -> u64 {
         stats
@@ -228,6 +229,8 @@ fn jwks_host_faults_keep_the_last_good_keys() {
     };
     assert_eq!(value("dialtone.denied.unauthorized"), 2 + 6, "{stats}");
     assert_eq!(value("dialtone.allowed.privy"), 1 + 6 + 2, "{stats}");
+    assert!(value("dialtone.jwks.failed") >= 1 + 1 + 6, "{stats}");
+    assert!(value("dialtone.jwks.fetched") >= 2, "{stats}");
     let seen = upstream.hits("/echo/free/jwks");
     assert_eq!(seen, 1 + 6 + 2, "only allowed requests reach the upstream");
 }
