@@ -22,7 +22,7 @@ const MAX_SUB_LEN: usize = 256;
 
 /// One ES256 verification key, optionally named by `kid` (keys from a JWKS
 /// carry one; a pinned PEM key does not). Built with [`EsKey::new`], which
-/// precomputes the key's table for fast verification (~227 KB, shared by
+/// precomputes the key's table for fast verification (~152 KB, shared by
 /// clones, so copying keys between caches costs nothing).
 #[derive(Clone, Debug)]
 pub struct EsKey {
@@ -84,7 +84,7 @@ pub fn keys_from_jwks(jwks: &Value) -> Result<Vec<EsKey>, KeyError> {
 
 /// The same, taking the precomputed table of any key already in `previous`
 /// instead of building it again: a periodic re-fetch of an unchanged JWKS
-/// then costs no table builds (a few ms of wasm and 227 KB per key otherwise).
+/// then costs no table builds (a few ms of wasm and 152 KB per key otherwise).
 pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey]) -> Result<Vec<EsKey>, KeyError> {
     let keys = jwks
         .get("keys")
@@ -345,7 +345,7 @@ impl PrivyVerifier {
 /// ES256 (ECDSA P-256 with SHA-256) over `signing_input`. High-S signatures
 /// are valid ES256 (RFC 7515 A.3 is one), so they are not refused.
 ///
-/// Without an [`EsKey`]: this builds the key's table first (about 20
+/// Without an [`EsKey`]: this builds the key's table first (about 60
 /// verifications' worth of work; the last key's is kept), and verifies
 /// through the same code as [`EsKey::verify`] so that the conformance
 /// vectors exercise it. Configured keys are [`EsKey`]s.
