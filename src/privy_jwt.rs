@@ -218,22 +218,41 @@ pub struct PrivyVerifier {
 
 // serde's derive refuses a member that appears twice in the JSON, which is
 // exactly what we want for every field listed here (duplicate-key attacks).
+// Every member goes through `present`, so `"crit": null` is a crit that is
+// there (and refused), not one that is absent: a plain `Option` would read
+// a JSON null as "no member".
 #[derive(Deserialize)]
 struct Header {
+    #[serde(default, deserialize_with = "present")]
     alg: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     typ: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     kid: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     crit: Option<Value>,
+}
+
+/// A member that appears, whatever its value (null included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
 struct Claims {
+    #[serde(default, deserialize_with = "present")]
     iss: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     sub: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     aud: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     exp: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     nbf: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     iat: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     sid: Option<Value>,
 }
 
@@ -489,6 +508,21 @@ mod tests {
         assert_eq!(verifier().verify(&t, NOW), Err(JwtError::Crit));
         let t = sign(r#"{"alg":"ES256","typ":"at+jwt"}"#, &claims(NOW + 60));
         assert_eq!(verifier().verify(&t, NOW), Err(JwtError::Type));
+    }
+
+    #[test]
+    fn a_null_member_is_present_not_absent() {
+        let c = claims(NOW + 100);
+        for (header, want) in [
+            (r#"{"alg":"ES256","kid":"k1","crit":null}"#, JwtError::Crit),
+            (r#"{"alg":"ES256","kid":null}"#, JwtError::Header),
+            (r#"{"alg":"ES256","kid":"k1","typ":null}"#, JwtError::Type),
+            (r#"{"alg":null,"kid":"k1"}"#, JwtError::Algorithm),
+        ] {
+            assert_eq!(verifier().verify(&sign(header, &c), NOW), Err(want), "{header}");
+        }
+        let with_null_nbf = c.replacen('{', r#"{"nbf":null,"#, 1);
+        assert_eq!(verifier().verify(&sign(H, &with_null_nbf), NOW), Err(JwtError::MissingClaim("nbf")));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! Variants:
 //! - A   passthrough (router only)
 //! - W0  an empty proxy-wasm filter (bench/empty-filter), same V8 runtime
+//! - W1  the same filter making one callout per request (to the stand-in) and nothing else: the floor of a paid route
 //! - B1  jwt_authn, ES256, with its JWT cache, one repeated token
 //! - B2  jwt_authn, ES256, no cache (verifies every request), one repeated token
 //! - B2f jwt_authn, no cache, a fresh token every request
@@ -264,6 +265,7 @@ fn variants(s: &Setup, fresh: &Path) -> Vec<Variant> {
     vec![
         Variant { id: "A", what: "Envoy passthrough (router only)", filters: String::new(), path: "/free", load: Load::Fixed(None), credits_cluster_port: None },
         Variant { id: "W0", what: "an empty wasm filter (V8)", filters: wasm_filter(&s.empty_wasm, None), path: "/free", load: Load::Fixed(None), credits_cluster_port: None },
+        Variant { id: "W1", what: "a wasm filter making one callout per request to the trivial stand-in, no logic", filters: wasm_filter(&s.empty_wasm, Some("callout")), path: "/free", load: Load::Fixed(None), credits_cluster_port: Some(standin) },
         Variant { id: "B1", what: "jwt_authn ES256, JWT cache on, repeated token", filters: jwt(true), path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: None },
         Variant { id: "B2", what: "jwt_authn ES256, no cache, repeated token", filters: jwt(false), path: "/free", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: None },
         Variant { id: "B2f", what: "jwt_authn ES256, no cache, fresh token per request", filters: jwt(false), path: "/free", load: Load::Fresh(fresh.to_path_buf()), credits_cluster_port: None },
@@ -673,6 +675,7 @@ fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
         target("API key, free scoped route", "D3", "W0", 0.9),
         target("API key, paid route", "D4", "C", 1.0),
         target("Privy token, paid route", "D5", "C", 1.0),
+        target("(for reference) the floor of one wasm callout", "W1", "C", 1.0),
         target("fresh token every request", "D2", "B2", 0.5),
     ];
     let size_ok = wasm_bytes <= 512 * 1024;

@@ -1,20 +1,65 @@
-//! W0 of `make bench`: an HTTP filter that does nothing. Every proxy-wasm
-//! filter pays at least this much in Envoy (a VM call per callback and the
-//! ABI's header reads), so dialtone's cost is measured against it as well as
-//! against no filter at all. Built with the same `wasm-release` profile as
-//! dialtone, run in the same V8 runtime.
+//! The floors of `make bench`, as proxy-wasm filters built with the same
+//! `wasm-release` profile as dialtone and run in the same V8 runtime:
+//!
+//! - W0 (no configuration): an HTTP filter that does nothing. Every
+//!   proxy-wasm filter pays at least this (a VM call per callback).
+//! - W1 (configuration `callout`): one `dispatch_http_call` per request to
+//!   the `dialtone_credits` cluster, a pause, and a resume when it answers,
+//!   with no logic at all: what any wasm filter pays for one callout, the
+//!   floor of dialtone's paid routes.
 
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::LogLevel;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(Pass) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { callout: Rc::new(false) }) });
 }}
 
-struct Pass;
+struct Root {
+    callout: Rc<bool>,
+}
 
-impl Context for Pass {}
+impl Context for Root {}
 
-// Every callback keeps its default: Action::Continue.
-impl HttpContext for Pass {}
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        self.callout = Rc::new(config == b"callout");
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Pass { callout: *self.callout }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Pass {
+    callout: bool,
+}
+
+impl Context for Pass {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        self.resume_http_request();
+    }
+}
+
+impl HttpContext for Pass {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if !self.callout {
+            return Action::Continue;
+        }
+        let headers = vec![(":method", "POST"), (":path", "/v1/debit"), (":authority", "credits"), ("content-type", "application/json")];
+        match self.dispatch_http_call("dialtone_credits", headers, Some(b"{}"), vec![], Duration::from_secs(2)) {
+            Ok(_) => Action::Pause,
+            Err(_) => Action::Continue,
+        }
+    }
+}
