@@ -221,7 +221,37 @@ fn run() -> Result<(), String> {
         eprintln!("bench: {} {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs", v.id, m.rps, m.p50_us, m.p99_us);
         results.push((v, m));
     }
-    report(&setup, &results)
+    let memory = if only.is_none() { vm_memory(&setup, &fresh_file)? } else { Vec::new() };
+    report(&setup, &results, &memory)
+}
+
+/// Memory per VM: Envoy's RSS, idle after 20 requests, with 1 and with 4
+/// workers (one VM each, besides the main thread's); the difference over 3
+/// is what one more worker's VM costs, with its tables and caches.
+fn vm_memory(s: &Setup, fresh: &Path) -> Result<Vec<(String, u64, u64)>, String> {
+    let mut out = Vec::new();
+    for v in variants(s, fresh).into_iter().filter(|v| ["A", "W0", "D1"].contains(&v.id)) {
+        let mut rss = Vec::new();
+        for workers in [1u32, 4] {
+            let (listen, admin) = (free_port()?, free_port()?);
+            let cfg = s.dir.join(format!("envoy-mem-{}.yaml", v.id));
+            std::fs::write(&cfg, tested_config(s, &v, listen, admin)).map_err(|e| e.to_string())?;
+            let envoy = spawn_envoy_workers(&s.paths, &cfg, admin, "0", &s.dir.join(format!("envoy-mem-{}.log", v.id)), workers)?;
+            for _ in 0..20 {
+                let mut r = ureq::get(&format!("http://127.0.0.1:{listen}{}", v.path));
+                if v.id == "D1" {
+                    r = r.set("authorization", &format!("Bearer {}", s.token));
+                }
+                r.call().map_err(|e| format!("{}: {e}", v.id))?;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            rss.push(rss_kib(envoy.0.id()).unwrap_or(0));
+        }
+        if let [one, four] = rss[..] {
+            out.push((v.id.to_owned(), one, four.saturating_sub(one) / 3));
+        }
+    }
+    Ok(out)
 }
 
 fn variants(s: &Setup, fresh: &Path) -> Vec<Variant> {
@@ -437,6 +467,10 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc, Stri
 }
 
 fn spawn_envoy(paths: &Paths, cfg: &Path, admin: u16, cpu: &str, log: &Path) -> Result<Proc, String> {
+    spawn_envoy_workers(paths, cfg, admin, cpu, log, 1)
+}
+
+fn spawn_envoy_workers(paths: &Paths, cfg: &Path, admin: u16, cpu: &str, log: &Path, workers: u32) -> Result<Proc, String> {
     let p = spawn(
         "envoy",
         Command::new("taskset")
@@ -444,7 +478,7 @@ fn spawn_envoy(paths: &Paths, cfg: &Path, admin: u16, cpu: &str, log: &Path) -> 
             .arg(&paths.envoy)
             .arg("-c")
             .arg(cfg)
-            .args(["--concurrency", "1", "--log-level", "warn", "--disable-hot-restart"])
+            .args(["--concurrency", &workers.to_string(), "--log-level", "warn", "--disable-hot-restart"])
             .args(["--base-id", &admin.to_string()]),
         log,
     )?;
@@ -613,7 +647,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|n| n.parse().ok())
 }
 
-fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
+fn report(s: &Setup, results: &[(Variant, Measured)], memory: &[(String, u64, u64)]) -> Result<(), String> {
     let rps = |id: &str| results.iter().find(|(v, _)| v.id == id).map(|(_, m)| m.rps);
     let (a, w0) = (rps("A"), rps("W0"));
     let ratio = |x: f64, base: Option<f64>| base.filter(|b| *b > 0.0).map(|b| x / b);
@@ -678,6 +712,12 @@ fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
         target("(for reference) the floor of one wasm callout", "W1", "C", 1.0),
         target("fresh token every request", "D2", "B2", 0.5),
     ];
+    if !memory.is_empty() {
+        println!("\nmemory (Envoy RSS, idle): with 1 worker, and per additional worker (its VM)");
+        for (id, one, per_worker) in memory {
+            println!("  {id:<3} {:>7.1} MiB with 1 worker, +{:>6.1} MiB per worker", *one as f64 / 1024.0, *per_worker as f64 / 1024.0);
+        }
+    }
     let size_ok = wasm_bytes <= 512 * 1024;
     println!("target {:<44} {wasm_bytes} bytes (≤ 524288) {}", ".wasm size", if size_ok { "met" } else { "NOT met" });
     let out = s.dir.join("results.json");
@@ -688,6 +728,7 @@ fn report(s: &Setup, results: &[(Variant, Measured)]) -> Result<(), String> {
         "wasm_bytes": wasm_bytes,
         "variants": rows,
         "targets": targets,
+        "memory": memory.iter().map(|(id, one, per)| json!({"id": id, "rss_kib_one_worker": one, "rss_kib_per_additional_worker": per})).collect::<Vec<_>>(),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| e.to_string())?;
     println!("\nwritten: {}", out.display());
