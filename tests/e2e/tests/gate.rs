@@ -439,6 +439,15 @@ fn metrics_show_in_envoy_stats() {
     t.stack.create_account(USER, 5).unwrap();
     let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
     sms_ok(&t.post(SMS, &[("authorization", &bearer(&key))], SMS_BODY));
+    // Three free requests right after: the key's lookup is reused (500 ms).
+    for _ in 0..3 {
+        assert_eq!(t.get("/api/v1/account", &[("authorization", &bearer(&key))]).status, 200);
+    }
+    // One Privy token three times: verified once, then from the cache.
+    let token = t.privy_token(USER);
+    for _ in 0..3 {
+        assert_eq!(t.get("/api/v1/account", &[("authorization", &bearer(&token))]).status, 200);
+    }
     t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
     t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
     assert_eq!(t.get("/healthz", &[]).status, 200);
@@ -454,7 +463,13 @@ fn metrics_show_in_envoy_stats() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} not in {admin}/stats:\n{stats}"))
     };
-    assert_eq!(value("dialtone.allowed.apikey"), 1);
+    assert_eq!(value("dialtone.allowed.apikey"), 4);
+    assert_eq!(value("dialtone.allowed.privy"), 3);
+    assert_eq!((value("dialtone.cache.token.miss"), value("dialtone.cache.token.hit")), (1, 2), "{stats}");
+    // One worker, four key requests: the first looks the key up; the next
+    // three come within the cache's 500 ms (at least one surely does).
+    assert_eq!(value("dialtone.cache.key.miss") + value("dialtone.cache.key.hit"), 4, "{stats}");
+    assert!(value("dialtone.cache.key.hit") >= 1, "{stats}");
     assert_eq!(value("dialtone.denied.unauthorized"), 2);
     // The stack's own readiness checks use /healthz too.
     assert!(value("dialtone.allowed.anonymous") >= 1);
@@ -463,6 +478,7 @@ fn metrics_show_in_envoy_stats() {
     // In Prometheus format the prefix is gone.
     assert!(prom.lines().any(|l| l == "dialtone_denied_unauthorized{} 2"), "not in Prometheus output");
     assert!(prom.lines().any(|l| l == "dialtone_hold_captured{} 1"), "not in Prometheus output");
+    assert!(prom.lines().any(|l| l == "dialtone_cache_token_hit{} 2"), "not in Prometheus output");
     assert!(prom.contains("# TYPE dialtone_callout_latency_ms histogram"), "no latency histogram");
 }
 
