@@ -131,9 +131,8 @@ struct Metrics {
 impl Metrics {
     fn define() -> Metrics {
         use proxy_wasm::types::MetricType;
-        let counters = metrics::COUNTERS
-            .iter()
-            .filter_map(|name| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok().map(|id| (*name, id)))
+        let counters = metrics::all_counters()
+            .filter_map(|name| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok().map(|id| (name, id)))
             .collect();
         let latency = proxy_wasm::hostcalls::define_metric(MetricType::Histogram, metrics::CALLOUT_LATENCY_MS).ok();
         Metrics { counters, latency }
@@ -445,6 +444,9 @@ impl Gate {
 
     fn deny(&self, denial: &Denial) {
         self.metrics.count(metrics::denied(denial));
+        if let Some(reason) = metrics::denied_reason(denial) {
+            self.metrics.count(reason);
+        }
         let reply = denial.reply();
         match denial {
             Denial::CreditsUnavailable(e) => {

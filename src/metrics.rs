@@ -21,6 +21,32 @@ pub const DENIED_ROUTE_NOT_ALLOWED: &str = "dialtone.denied.route_not_allowed";
 pub const DENIED_CREDITS_UNAVAILABLE: &str = "dialtone.denied.credits_unavailable";
 pub const DENIED_RATE_LIMITED: &str = "dialtone.denied.rate_limited";
 
+/// Refusals by reason, under their code: `dialtone.denied.<code>.<reason>`
+/// (401s by what was wrong with the credential, 503s by what was wrong with
+/// the service). Each is counted besides its code's counter.
+pub const UNAUTHORIZED_REASONS: &[&str] = &[
+    "dialtone.denied.unauthorized.missing",
+    "dialtone.denied.unauthorized.malformed_header",
+    "dialtone.denied.unauthorized.unknown_format",
+    "dialtone.denied.unauthorized.token_malformed",
+    "dialtone.denied.unauthorized.token_unknown_kid",
+    "dialtone.denied.unauthorized.token_signature",
+    "dialtone.denied.unauthorized.token_claims",
+    "dialtone.denied.unauthorized.token_time",
+    "dialtone.denied.unauthorized.privy_not_accepted",
+    "dialtone.denied.unauthorized.unknown_key",
+    "dialtone.denied.unauthorized.key_revoked",
+    "dialtone.denied.unauthorized.key_expired",
+];
+pub const UNAVAILABLE_REASONS: &[&str] = &[
+    "dialtone.denied.credits_unavailable.unreachable",
+    "dialtone.denied.credits_unavailable.bad_status",
+    "dialtone.denied.credits_unavailable.garbage",
+    "dialtone.denied.credits_unavailable.too_large",
+    "dialtone.denied.credits_unavailable.inconsistent",
+    "dialtone.denied.credits_unavailable.dispatch_failed",
+];
+
 /// Callouts to the key/credits service by result: answered (any status the
 /// contract defines), failed in transport (no answer, Envoy's 503/504), retried.
 pub const CALLOUT_ANSWERED: &str = "dialtone.callout.answered";
@@ -69,6 +95,50 @@ pub const COUNTERS: &[&str] = &[
     JWKS_FAILED,
 ];
 
+/// Every counter: the named ones and the reasons.
+pub fn all_counters() -> impl Iterator<Item = &'static str> {
+    COUNTERS.iter().chain(UNAUTHORIZED_REASONS).chain(UNAVAILABLE_REASONS).copied()
+}
+
+/// The reason counter of a refusal, for 401s and 503s.
+pub fn denied_reason(d: &Denial) -> Option<&'static str> {
+    use crate::credits_api::ServiceError as S;
+    use crate::denial::AuthFailure as A;
+    use crate::privy_jwt::JwtError as J;
+    let (list, i) = match d {
+        Denial::Unauthorized(why) => (
+            UNAUTHORIZED_REASONS,
+            match why {
+                A::Missing => 0,
+                A::Header(_) => 1,
+                A::Format(_) => 2,
+                A::Jwt(J::UnknownKid) => 4,
+                A::Jwt(J::Signature) => 5,
+                A::Jwt(J::Issuer | J::Audience) => 6,
+                A::Jwt(J::Expired | J::NotYetValid | J::IssuedInFuture) => 7,
+                A::Jwt(_) => 3,
+                A::PrivyNotConfigured => 8,
+                A::UnknownKey => 9,
+                A::Revoked => 10,
+                A::Expired => 11,
+            },
+        ),
+        Denial::CreditsUnavailable(e) => (
+            UNAVAILABLE_REASONS,
+            match e {
+                S::Unavailable => 0,
+                S::Status(_) => 1,
+                S::Garbage => 2,
+                S::TooLarge => 3,
+                S::Inconsistent => 4,
+                S::DispatchFailed => 5,
+            },
+        ),
+        _ => return None,
+    };
+    list.get(i).copied()
+}
+
 pub fn allowed(method: AuthMethod) -> &'static str {
     match method {
         AuthMethod::Privy => ALLOWED_PRIVY,
@@ -108,9 +178,35 @@ mod tests {
             assert_eq!(denied(d), format!("dialtone.denied.{}", d.code()));
             assert!(COUNTERS.contains(&denied(d)));
         }
-        let mut names = COUNTERS.to_vec();
+        let mut names: Vec<&str> = all_counters().collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), COUNTERS.len());
+        assert_eq!(names.len(), all_counters().count());
+    }
+
+    #[test]
+    fn reasons_sit_under_their_code_and_match_the_service_reason() {
+        use crate::credits_api::ServiceError as S;
+        use crate::denial::AuthFailure as A;
+        use crate::privy_jwt::JwtError as J;
+        let cases = [
+            (Denial::Unauthorized(A::Missing), "dialtone.denied.unauthorized.missing"),
+            (Denial::Unauthorized(A::Jwt(J::Signature)), "dialtone.denied.unauthorized.token_signature"),
+            (Denial::Unauthorized(A::Jwt(J::Crit)), "dialtone.denied.unauthorized.token_malformed"),
+            (Denial::Unauthorized(A::Jwt(J::Expired)), "dialtone.denied.unauthorized.token_time"),
+            (Denial::Unauthorized(A::Jwt(J::Audience)), "dialtone.denied.unauthorized.token_claims"),
+            (Denial::Unauthorized(A::Revoked), "dialtone.denied.unauthorized.key_revoked"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(denied_reason(&d), Some(want));
+        }
+        for e in [S::Unavailable, S::Status(500), S::Garbage, S::TooLarge, S::Inconsistent, S::DispatchFailed] {
+            let name = denied_reason(&Denial::CreditsUnavailable(e));
+            assert_eq!(name, Some(format!("dialtone.denied.credits_unavailable.{}", e.reason())).as_deref());
+        }
+        assert_eq!(denied_reason(&Denial::RouteNotAllowed), None);
+        for name in all_counters() {
+            assert!(name.starts_with("dialtone.") && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+        }
     }
 }

@@ -395,6 +395,18 @@ fn fails_closed_on_a_slow_or_garbage_speaking_service() {
             assert!(started.elapsed() < Duration::from_millis(2 * timeout_ms + 2000), "{fault:?} took {:?}", started.elapsed());
         }
     }
+    // Envoy's stats say why: every 503 counted once under a reason, and the
+    // garbage and oversized answers under their own.
+    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone.denied", &[], None).body;
+    let value = |name: &str| -> u64 {
+        stats.lines().find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    let reasons = ["unreachable", "bad_status", "garbage", "too_large", "inconsistent", "dispatch_failed"];
+    let by_reason: u64 = reasons.iter().map(|r| value(&format!("dialtone.denied.credits_unavailable.{r}"))).sum();
+    assert_eq!(value("dialtone.denied.credits_unavailable"), 10, "{stats}");
+    assert_eq!(by_reason, 10, "{stats}");
+    assert_eq!(value("dialtone.denied.credits_unavailable.garbage"), 2, "{stats}");
+    assert_eq!(value("dialtone.denied.credits_unavailable.too_large"), 2, "{stats}");
     // The VM survived every fault: with the real service back, the next
     // paid request is served and charged exactly once.
     t.stack.start_credits().unwrap();
@@ -471,6 +483,8 @@ fn metrics_show_in_envoy_stats() {
     assert_eq!(value("dialtone.cache.key.miss") + value("dialtone.cache.key.hit"), 4, "{stats}");
     assert!(value("dialtone.cache.key.hit") >= 1, "{stats}");
     assert_eq!(value("dialtone.denied.unauthorized"), 2);
+    assert_eq!(value("dialtone.denied.unauthorized.missing"), 2, "by reason");
+    assert_eq!(value("dialtone.denied.unauthorized.token_signature"), 0);
     // The stack's own readiness checks use /healthz too.
     assert!(value("dialtone.allowed.anonymous") >= 1);
     assert_eq!(value("dialtone.hold.captured"), 1);
@@ -479,6 +493,7 @@ fn metrics_show_in_envoy_stats() {
     assert!(prom.lines().any(|l| l == "dialtone_denied_unauthorized{} 2"), "not in Prometheus output");
     assert!(prom.lines().any(|l| l == "dialtone_hold_captured{} 1"), "not in Prometheus output");
     assert!(prom.lines().any(|l| l == "dialtone_cache_token_hit{} 2"), "not in Prometheus output");
+    assert!(prom.lines().any(|l| l == "dialtone_denied_unauthorized_missing{} 2"), "not in Prometheus output");
     assert!(prom.contains("# TYPE dialtone_callout_latency_ms histogram"), "no latency histogram");
 }
 

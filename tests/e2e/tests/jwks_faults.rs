@@ -228,6 +228,7 @@ fn jwks_host_faults_keep_the_last_good_keys() {
             .unwrap_or_else(|| panic!("{name} not in stats:\n{stats}"))
     };
     assert_eq!(value("dialtone.denied.unauthorized"), 2 + 6, "{stats}");
+    assert_eq!(value("dialtone.denied.unauthorized.token_unknown_kid"), 2 + 6, "{stats}");
     assert_eq!(value("dialtone.allowed.privy"), 1 + 6 + 2, "{stats}");
     assert!(value("dialtone.jwks.failed") >= 1 + 1 + 6, "{stats}");
     assert!(value("dialtone.jwks.fetched") >= 2, "{stats}");
