@@ -14,6 +14,15 @@
 //!
 //! Both are bounded (oldest entry out first) so a client sending a new
 //! token per request can't grow a VM's memory.
+//!
+//! Verified tokens are also shared by the VMs of one Envoy (one per worker)
+//! through proxy-wasm shared data ([`SharedStore`]), so a token is verified
+//! once per Envoy, not once per worker: a fixed set of [`SHARED_SLOTS`]
+//! slots (bounded host memory; a collision only overwrites), each holding
+//! one token's digest, the session, its expiry, and the fingerprint of the
+//! verifier that accepted it (issuer, audience, leeway, keys): an entry
+//! written by another policy sharing the VM id, or before the issuer's
+//! keys changed, is ignored.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -26,6 +35,75 @@ pub type Digest32 = [u8; 32];
 
 pub fn sha256(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
+}
+
+/// The host's key-value store shared by the VMs of one Envoy (same VM id).
+pub trait SharedStore {
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+    fn set(&self, key: &str, value: &[u8]);
+}
+
+/// No sharing (tests, the fuzzers, and the uncached `decide`).
+pub struct NoSharing;
+
+impl SharedStore for NoSharing {
+    fn get(&self, _key: &str) -> Option<Vec<u8>> {
+        None
+    }
+    fn set(&self, _key: &str, _value: &[u8]) {}
+}
+
+/// Shared slots for verified tokens (a few hundred bytes each).
+pub const SHARED_SLOTS: u16 = 4096;
+const SHARED_MAGIC: &[u8; 4] = b"dt1\0";
+
+/// The shared-data key of a token's slot.
+pub fn shared_slot(digest: &Digest32) -> String {
+    let [a, b, ..] = *digest;
+    format!("dialtone.verified.{:03x}", u16::from_be_bytes([a, b]) % SHARED_SLOTS)
+}
+
+/// A slot's value: the token's digest, the verifier's fingerprint, the
+/// first second the token is expired from, the session.
+pub fn encode_shared(digest: &Digest32, verifier: &Digest32, session: &Session, expired_from: i64) -> Option<Vec<u8>> {
+    let account = u16::try_from(session.account.len()).ok()?;
+    let mut v = Vec::with_capacity(80 + session.account.len() + session.session_id.len());
+    v.extend_from_slice(SHARED_MAGIC);
+    v.extend_from_slice(digest);
+    v.extend_from_slice(verifier);
+    v.extend_from_slice(&expired_from.to_le_bytes());
+    v.extend_from_slice(&account.to_le_bytes());
+    v.extend_from_slice(session.account.as_bytes());
+    v.extend_from_slice(session.session_id.as_bytes());
+    Some(v)
+}
+
+/// The session in a slot, if it is this token's, written by this verifier,
+/// and not expired at `now`. Anything else (another token, another policy,
+/// old keys, garbage) is None.
+pub fn decode_shared(value: &[u8], digest: &Digest32, verifier: &Digest32, now: i64) -> Option<(Session, i64)> {
+    let rest = value.strip_prefix(SHARED_MAGIC.as_slice())?;
+    let (d, rest) = rest.split_first_chunk::<32>()?;
+    let (f, rest) = rest.split_first_chunk::<32>()?;
+    let (e, rest) = rest.split_first_chunk::<8>()?;
+    let (n, rest) = rest.split_first_chunk::<2>()?;
+    if d != digest || f != verifier {
+        return None;
+    }
+    let expired_from = i64::from_le_bytes(*e);
+    if now >= expired_from {
+        return None;
+    }
+    let (account, session_id) = rest.split_at_checked(usize::from(u16::from_le_bytes(*n)))?;
+    let session = Session {
+        account: String::from_utf8(account.to_vec()).ok()?,
+        session_id: String::from_utf8(session_id.to_vec()).ok()?,
+        expires_at: 0,
+    };
+    // What the verifier guarantees of a session, checked again: an entry
+    // is only as trustworthy as the VMs that can write it.
+    (!session.account.is_empty() && crate::privy_jwt::is_header_safe(&session.account) && !session.session_id.is_empty())
+        .then_some((session, expired_from))
 }
 
 /// A bounded map that evicts its oldest insertion first.
@@ -98,6 +176,8 @@ struct LookedUp {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
     pub token_hits: u32,
+    /// Served from the slot another VM of this Envoy wrote.
+    pub token_shared_hits: u32,
     pub token_misses: u32,
     pub key_hits: u32,
     pub key_misses: u32,
@@ -160,9 +240,24 @@ impl Caches {
     }
 
     /// Remembers a token the verifier accepted. `leeway` is the verifier's.
-    pub fn token_verified(&mut self, digest: Digest32, session: &Session, leeway: i64) {
+    /// Returns the first second it is expired from.
+    pub fn token_verified(&mut self, digest: Digest32, session: &Session, leeway: i64) -> i64 {
         let expired_from = session.expires_at.saturating_add(leeway);
         self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from });
+        expired_from
+    }
+
+    /// Whether tokens are cached at all (sharing follows the local cache).
+    pub fn caches_tokens(&self) -> bool {
+        self.tokens.capacity > 0
+    }
+
+    /// A token another VM verified (read from its shared slot): kept locally
+    /// too, and counted as a shared hit instead of the local miss.
+    pub fn token_from_shared(&mut self, digest: Digest32, session: &Session, expired_from: i64) {
+        self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from });
+        self.stats.token_misses = self.stats.token_misses.saturating_sub(1);
+        self.stats.token_shared_hits = self.stats.token_shared_hits.saturating_add(1);
     }
 
     /// Forgets every verified token: the issuer's key set changed, and a
@@ -239,7 +334,7 @@ mod tests {
         assert_eq!(c.verified_token(&d, 204).map(|s| s.expires_at), Some(200));
         assert_eq!(c.verified_token(&d, 205), None, "the verifier calls it expired at exp + leeway");
         assert_eq!(c.sizes().0, 0, "an expired entry is dropped");
-        assert_eq!(c.take_stats(), CacheStats { token_hits: 1, token_misses: 2, key_hits: 0, key_misses: 0 });
+        assert_eq!(c.take_stats(), CacheStats { token_hits: 1, token_misses: 2, ..CacheStats::default() });
         assert_eq!(c.take_stats(), CacheStats::default());
     }
 
@@ -297,5 +392,30 @@ mod tests {
         c.key_looked_up(d, &record("abc12345"), 0);
         assert!(c.verified_token(&d, 1).is_none() && c.looked_up_key(&d, 1).is_none());
         assert_eq!(c.take_stats(), CacheStats::default(), "a disabled cache counts nothing");
+    }
+
+    #[test]
+    fn a_shared_slot_round_trips_and_refuses_anything_else() {
+        let (d, other) = (sha256(b"token"), sha256(b"other token"));
+        let (f, f2) = (sha256(b"verifier"), sha256(b"another policy"));
+        let s = Session { account: "did:privy:u1".into(), session_id: "sid-1".into(), expires_at: 200 };
+        let v = encode_shared(&d, &f, &s, 260).unwrap();
+        let (got, exp) = decode_shared(&v, &d, &f, 259).unwrap();
+        assert_eq!((got.account.as_str(), got.session_id.as_str(), exp), ("did:privy:u1", "sid-1", 260));
+        assert!(decode_shared(&v, &d, &f, 260).is_none(), "expired");
+        assert!(decode_shared(&v, &other, &f, 0).is_none(), "another token in the slot");
+        assert!(decode_shared(&v, &d, &f2, 0).is_none(), "written by another verifier (policy or keys)");
+        // Cut anywhere before the session id: refused.
+        for cut in 0..(4 + 32 + 32 + 8 + 2 + s.account.len()) {
+            assert!(decode_shared(&v[..cut], &d, &f, 0).is_none(), "truncated at {cut}");
+        }
+        assert!(decode_shared(b"garbage", &d, &f, 0).is_none());
+        let mut bad = v.clone();
+        let at = 4 + 32 + 32 + 8;
+        bad[at] = 0xff; // an account length past the end
+        assert!(decode_shared(&bad, &d, &f, 0).is_none());
+        let crlf = Session { account: "a\r\nx-evil: 1".into(), ..s.clone() };
+        assert!(decode_shared(&encode_shared(&d, &f, &crlf, 260).unwrap(), &d, &f, 0).is_none(), "unsafe account");
+        assert!(shared_slot(&d).starts_with("dialtone.verified.") && shared_slot(&d).len() == "dialtone.verified.".len() + 3);
     }
 }

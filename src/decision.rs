@@ -6,7 +6,7 @@
 //! resumed with [`resume`].
 
 use crate::bearer::{self, Credential, KeyCredential};
-use crate::cache::{self, Caches};
+use crate::cache::{self, Caches, SharedStore};
 use crate::credits_api::{
     self, CallOutcome, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest, RateCheck,
     RateLimitRequest, ReleaseRequest, ServiceError,
@@ -90,6 +90,12 @@ pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) ->
 /// Privy token skips verification, a recently looked-up key skips the
 /// lookup. `now_ms` is the host clock in milliseconds.
 pub fn decide_cached(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches) -> Decision {
+    decide_shared(cfg, req, now_ms, caches, &cache::NoSharing)
+}
+
+/// [`decide_cached`], with verified tokens also shared by the VMs of one
+/// Envoy through `shared` (proxy-wasm shared data in the filter).
+pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches, shared: &dyn SharedStore) -> Decision {
     let now = now_ms.div_euclid(1000);
     let Some((idx, route)) = cfg
         .routes
@@ -142,9 +148,7 @@ pub fn decide_cached(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
             let digest = cache::sha256(jwt.as_bytes());
             let verified = match caches.verified_token(&digest, now) {
                 Some(session) => Ok(session),
-                None => privy.verifier.verify_with(jwt, now, req.fetched_keys).inspect(|session| {
-                    caches.token_verified(digest, session, privy.verifier.leeway_secs);
-                }),
+                None => verify_sharing(privy, jwt, digest, now, req.fetched_keys, caches, shared),
             };
             match verified {
                 Ok(session) => {
@@ -289,6 +293,51 @@ pub fn settle(cfg: &Config, hold_id: &str, upstream_status: Option<u16>) -> Serv
 /// request id, so a retried callout is answered from the service's record.
 pub fn idempotency_key(route: &Route, request_id: &str) -> String {
     format!("{}:{}", route.name, request_id)
+}
+
+/// A token the local cache does not know: another VM of this Envoy may have
+/// verified it (its shared slot), else verify it here and share the result.
+fn verify_sharing(
+    privy: &crate::policy::PrivyConfig,
+    jwt: &str,
+    digest: cache::Digest32,
+    now: i64,
+    fetched: &[crate::privy_jwt::EsKey],
+    caches: &mut Caches,
+    shared: &dyn SharedStore,
+) -> Result<crate::privy_jwt::Session, crate::privy_jwt::JwtError> {
+    if !caches.caches_tokens() {
+        return privy.verifier.verify_with(jwt, now, fetched);
+    }
+    let slot = cache::shared_slot(&digest);
+    let verifier = verifier_fingerprint(privy, fetched);
+    if let Some((session, expired_from)) = shared.get(&slot).and_then(|v| cache::decode_shared(&v, &digest, &verifier, now)) {
+        caches.token_from_shared(digest, &session, expired_from);
+        return Ok(session);
+    }
+    let session = privy.verifier.verify_with(jwt, now, fetched)?;
+    let expired_from = caches.token_verified(digest, &session, privy.verifier.leeway_secs);
+    if let Some(value) = cache::encode_shared(&digest, &verifier, &session, expired_from) {
+        shared.set(&slot, &value);
+    }
+    Ok(session)
+}
+
+/// What a shared verified-token slot must have been written under: the
+/// policy's issuer, audience and leeway, and every key it trusts now.
+fn verifier_fingerprint(privy: &crate::policy::PrivyConfig, fetched: &[crate::privy_jwt::EsKey]) -> cache::Digest32 {
+    use sha2::{Digest, Sha256};
+    let v = &privy.verifier;
+    let mut h = Sha256::new();
+    for part in [v.issuer.as_bytes(), b"\0", v.app_id.as_bytes(), b"\0", &v.leeway_secs.to_le_bytes()] {
+        h.update(part);
+    }
+    for k in v.keys.iter().chain(fetched) {
+        h.update(k.kid.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
+        h.update(k.key.to_encoded_point(false).as_bytes());
+    }
+    h.finalize().into()
 }
 
 fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, digest: cache::Digest32, idempotency_key: String) -> Decision {
@@ -815,5 +864,70 @@ mod tests {
             panic!()
         };
         assert_eq!(second.path, "/v1/debit", "straight to the debit: the lookup came from the cache");
+    }
+
+    /// proxy-wasm shared data, as the VMs of one Envoy see it.
+    #[derive(Default)]
+    struct Shared(std::cell::RefCell<std::collections::HashMap<String, Vec<u8>>>);
+    impl SharedStore for Shared {
+        fn get(&self, key: &str) -> Option<Vec<u8>> {
+            self.0.borrow().get(key).cloned()
+        }
+        fn set(&self, key: &str, value: &[u8]) {
+            self.0.borrow_mut().insert(key.to_owned(), value.to_vec());
+        }
+    }
+
+    #[test]
+    fn a_token_is_verified_once_per_envoy_not_once_per_worker() {
+        let c = config();
+        let shared = Shared::default();
+        let (mut worker1, mut worker2) = (Caches::new(16, 0, 0), Caches::new(16, 0, 0));
+        let auth = format!("Bearer {}", privy_token(NOW + 100));
+        let req = request("GET", "/account", Some(&auth));
+        let now_ms = NOW * 1000;
+        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker1, &shared), Decision::Allow(_)));
+        assert_eq!(worker1.take_stats().token_misses, 1, "verified on the first worker");
+        match decide_shared(&c, &req, now_ms, &mut worker2, &shared) {
+            Decision::Allow(g) => assert_eq!(g.identity.account.as_deref(), Some("did:privy:u1")),
+            other => panic!("{other:?}"),
+        }
+        let s2 = worker2.take_stats();
+        assert_eq!((s2.token_misses, s2.token_shared_hits, s2.token_hits), (0, 1, 0), "the second worker read the slot");
+        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker2, &shared), Decision::Allow(_)));
+        assert_eq!(worker2.take_stats().token_hits, 1, "and keeps it locally");
+        // Expiry still applies to an entry read from the slot.
+        let mut worker3 = Caches::new(16, 0, 0);
+        assert_eq!(
+            denial(decide_shared(&c, &req, (NOW + 200) * 1000, &mut worker3, &shared)),
+            Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Expired))
+        );
+    }
+
+    #[test]
+    fn a_slot_written_under_another_policy_is_not_trusted() {
+        let c = config();
+        let shared = Shared::default();
+        let auth = format!("Bearer {}", privy_token(NOW + 100));
+        let req = request("GET", "/account", Some(&auth));
+        assert!(matches!(decide_shared(&c, &req, NOW * 1000, &mut Caches::new(16, 0, 0), &shared), Decision::Allow(_)));
+        // Another policy on the same VM id: another audience. The slot the
+        // first one wrote must not let this token (aud app-1) through here.
+        let mut other = config();
+        if let Some(p) = other.privy.as_mut() {
+            p.verifier.app_id = "app-2".into();
+        }
+        let mut caches = Caches::new(16, 0, 0);
+        assert_eq!(
+            denial(decide_shared(&other, &req, NOW * 1000, &mut caches, &shared)),
+            Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Audience))
+        );
+        assert_eq!(caches.take_stats().token_shared_hits, 0);
+        // A forged token is never written to a slot.
+        let slots_before = shared.0.borrow().len();
+        let last = if auth.ends_with('A') { "B" } else { "A" };
+        let forged = format!("{}{last}", &auth[..auth.len() - 1]);
+        let _ = decide_shared(&c, &request("GET", "/account", Some(&forged)), NOW * 1000, &mut Caches::new(16, 0, 0), &shared);
+        assert_eq!(shared.0.borrow().len(), slots_before);
     }
 }

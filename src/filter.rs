@@ -113,6 +113,20 @@ fn jwks_fetched(result: Result<usize, JwksError>, caches: &RefCell<Caches>, metr
     }
 }
 
+/// Envoy's shared data: one store for every VM with this plugin's VM id.
+struct HostShared;
+
+impl crate::cache::SharedStore for HostShared {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        proxy_wasm::hostcalls::get_shared_data(key).ok().and_then(|(value, _cas)| value)
+    }
+
+    fn set(&self, key: &str, value: &[u8]) {
+        // Last writer wins: a slot only ever holds a verified token.
+        let _ = proxy_wasm::hostcalls::set_shared_data(key, Some(value), None);
+    }
+}
+
 fn unix_millis(t: std::time::SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
@@ -361,7 +375,7 @@ impl Gate {
             fetched_keys: &jwks.keys,
         };
         let now_ms = unix_millis(self.get_current_time());
-        let decision = decision::decide_cached(cfg, &req, now_ms, &mut self.caches.borrow_mut());
+        let decision = decision::decide_shared(cfg, &req, now_ms, &mut self.caches.borrow_mut(), &HostShared);
         self.count_cache_use();
         decision
     }
@@ -370,6 +384,7 @@ impl Gate {
         let stats = self.caches.borrow_mut().take_stats();
         for (n, name) in [
             (stats.token_hits, metrics::CACHE_TOKEN_HIT),
+            (stats.token_shared_hits, metrics::CACHE_TOKEN_SHARED_HIT),
             (stats.token_misses, metrics::CACHE_TOKEN_MISS),
             (stats.key_hits, metrics::CACHE_KEY_HIT),
             (stats.key_misses, metrics::CACHE_KEY_MISS),

@@ -58,6 +58,9 @@ pub const HOLD_RELEASED: &str = "dialtone.hold.released";
 
 /// The VM's caches (src/cache.rs): verified Privy tokens and key lookups.
 pub const CACHE_TOKEN_HIT: &str = "dialtone.cache.token.hit";
+/// Verified by another VM of this Envoy (read from shared data).
+pub const CACHE_TOKEN_SHARED_HIT: &str = "dialtone.cache.token.shared_hit";
+/// Verified here (the ES256 check ran).
 pub const CACHE_TOKEN_MISS: &str = "dialtone.cache.token.miss";
 pub const CACHE_KEY_HIT: &str = "dialtone.cache.key.hit";
 pub const CACHE_KEY_MISS: &str = "dialtone.cache.key.miss";
@@ -88,6 +91,7 @@ pub const COUNTERS: &[&str] = &[
     HOLD_CAPTURED,
     HOLD_RELEASED,
     CACHE_TOKEN_HIT,
+    CACHE_TOKEN_SHARED_HIT,
     CACHE_TOKEN_MISS,
     CACHE_KEY_HIT,
     CACHE_KEY_MISS,

@@ -544,3 +544,36 @@ fn issuer_key_rotation_without_a_401() {
     assert_eq!(account(&token("k-stranger", &stranger)), 401);
     assert!(t.stack.log("envoy").contains("JWKS fetched"), "no JWKS fetch logged");
 }
+
+/// Each Envoy worker runs its own VM; a Privy token verified on one is read
+/// by the others from Envoy's shared data, so one Envoy verifies a token
+/// once, however many workers serve it.
+#[test]
+fn a_token_is_verified_once_per_envoy_not_once_per_worker() {
+    let t = TestStack::start_full("sharedtokens", |_| {}, |o| {
+        o.concurrency = 2;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let token = t.privy_token(USER);
+    // One request per connection: the kernel spreads connections over the
+    // two workers' listeners (SO_REUSEPORT).
+    for _ in 0..30 {
+        let r = dialtone_e2e::raw_request(t.stack.opts.ports.listen, "GET", "/echo/free/shared", &[("authorization", bearer(&token).as_bytes())], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone.cache", &[], None).body;
+    let value = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in stats:\n{stats}"))
+    };
+    let (miss, hit, shared) =
+        (value("dialtone.cache.token.miss"), value("dialtone.cache.token.hit"), value("dialtone.cache.token.shared_hit"));
+    assert_eq!(miss + hit + shared, 30, "{stats}");
+    assert_eq!(miss, 1, "verified once for the whole Envoy: {stats}");
+    // Both workers served (2^-29 odds otherwise): the second read the slot.
+    assert_eq!(shared, 1, "{stats}");
+}
