@@ -123,14 +123,7 @@ fn refused_as(p: &mut Plugin, what: &str, token: &str, message: &str, rfc6750: &
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     assert_eq!(action, Action::Pause, "{what}: the request must stop at the filter");
     let Outcome::Replied(r) = s.outcome() else { panic!("{what}: not refused: {:?}", s.outcome()) };
-    assert_eq!(r.status, 401, "{what}: {}", r.body_str());
-    assert_eq!(r.header("content-type").as_deref(), Some("application/json"), "{what}");
-    assert_eq!(r.json(), json!({"success": false, "error": "unauthorized", "message": message}), "{what}");
-    assert_eq!(
-        r.header("www-authenticate"),
-        Some(format!("Bearer realm=\"dialtone\", error=\"{rfc6750}\", error_description=\"{message}\"")),
-        "{what}"
-    );
+    common::assert_unauthorized(&r, what, message, rfc6750);
     assert!(s.callouts().is_empty(), "{what}: a refused token must cost no callout");
     s.close().unwrap();
     assert_eq!(p.callout_log().len(), callouts, "{what}: no callout from any context (no JWKS fetch either)");

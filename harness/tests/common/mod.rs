@@ -110,3 +110,17 @@ pub fn refused(s: &HttpStream<'_>, status: u32, error: &str) -> Value {
     }
     body
 }
+
+/// The whole 401 the filter answers: status, JSON content type, exactly
+/// `{"success":false,"error":"unauthorized","message":<message>}`, and the
+/// RFC 6750 challenge with `rfc6750` (`invalid_request` / `invalid_token`).
+pub fn assert_unauthorized(r: &dialtone_harness::LocalReply, what: &str, message: &str, rfc6750: &str) {
+    assert_eq!(r.status, 401, "{what}: {}", r.body_str());
+    assert_eq!(r.header("content-type").as_deref(), Some("application/json"), "{what}");
+    assert_eq!(r.json(), json!({"success": false, "error": "unauthorized", "message": message}), "{what}");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(format!("Bearer realm=\"dialtone\", error=\"{rfc6750}\", error_description=\"{message}\"")),
+        "{what}"
+    );
+}

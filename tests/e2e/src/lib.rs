@@ -145,6 +145,14 @@ impl Resp {
 
 /// One HTTP/1.1 request on its own connection, bytes exactly as given.
 pub fn raw_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> Resp {
+    let mut s = send_request(port, method, path, headers, body);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+/// Connects and writes the request (`connection: close`).
+fn send_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut req: Vec<u8> = format!("{method} {path} HTTP/1.1\r\nhost: dialtone.test\r\nconnection: close\r\n").into_bytes();
@@ -161,9 +169,7 @@ pub fn raw_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
     s.write_all(&req).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
+    s
 }
 
 /// Like [`raw_request`], but stops reading once the response is complete (its
@@ -171,22 +177,7 @@ pub fn raw_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])
 /// a local reply to a `connection: close` request Envoy holds the connection
 /// up to its delayed-close timeout (1 s), which adds up over many refusals.
 pub fn raw_request_complete(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut req: Vec<u8> = format!("{method} {path} HTTP/1.1\r\nhost: dialtone.test\r\nconnection: close\r\n").into_bytes();
-    for (k, v) in headers {
-        req.extend_from_slice(k.as_bytes());
-        req.extend_from_slice(b": ");
-        req.extend_from_slice(v);
-        req.extend_from_slice(b"\r\n");
-    }
-    let body = body.unwrap_or_default();
-    if !body.is_empty() || method == "POST" {
-        req.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
-    }
-    req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(body);
-    s.write_all(&req).unwrap();
+    let mut s = send_request(port, method, path, headers, body);
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -231,6 +222,26 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         }
         out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
         b = &b[eol + 2 + size + 2..];
+    }
+}
+
+/// Envoy's `/stats` for the filter's metrics (kept under `wasmcustom.`).
+pub struct EnvoyStats(pub String);
+
+impl EnvoyStats {
+    /// Reads `/stats?filter=…` from the admin port.
+    pub fn read(admin_port: u16, filter: &str) -> EnvoyStats {
+        EnvoyStats(raw_request(admin_port, "GET", &format!("/stats?filter={filter}"), &[], None).body)
+    }
+
+    /// A counter's value, or None when Envoy does not show it.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.0.lines().find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: "))).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// A counter that must exist.
+    pub fn value(&self, name: &str) -> u64 {
+        self.get(name).unwrap_or_else(|| panic!("{name} not in stats:\n{}", self.0))
     }
 }
 

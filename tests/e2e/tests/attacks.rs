@@ -204,14 +204,8 @@ fn jwt_attacks_and_hostile_headers_through_envoy() {
     assert_eq!(t.get("/healthz", &[]).status, 200);
 
     // Envoy counted every refusal (the stack's own readiness checks make none).
-    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone", &[], None).body;
-    let value = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in stats:\n{stats}"))
-    };
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone");
+    let (stats, value) = (&envoy.0, |name: &str| envoy.value(name));
     assert_eq!(value("dialtone.denied.unauthorized"), refusals, "{stats}");
     assert_eq!(value("dialtone.allowed.privy"), 1 + ok_variants.len() as u64 + 1, "{stats}");
 }

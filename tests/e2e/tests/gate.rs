@@ -397,10 +397,8 @@ fn fails_closed_on_a_slow_or_garbage_speaking_service() {
     }
     // Envoy's stats say why: every 503 counted once under a reason, and the
     // garbage and oversized answers under their own.
-    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone.denied", &[], None).body;
-    let value = |name: &str| -> u64 {
-        stats.lines().find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    };
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone.denied");
+    let (stats, value) = (&envoy.0, |name: &str| envoy.get(name).unwrap_or(0));
     let reasons = ["unreachable", "bad_status", "garbage", "too_large", "inconsistent", "dispatch_failed"];
     let by_reason: u64 = reasons.iter().map(|r| value(&format!("dialtone.denied.credits_unavailable.{r}"))).sum();
     assert_eq!(value("dialtone.denied.credits_unavailable"), 10, "{stats}");
@@ -463,18 +461,10 @@ fn metrics_show_in_envoy_stats() {
     t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
     t.get("/api/v1/account", &[]).assert_refusal(401, "unauthorized");
     assert_eq!(t.get("/healthz", &[]).status, 200);
-    let admin = t.stack.admin_url();
-    let text = |path: &str| dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", path, &[], None).body;
-    let stats = text("/stats?filter=dialtone");
-    let prom = text("/stats/prometheus");
     // Envoy keeps proxy-wasm metrics under its `wasmcustom.` prefix.
-    let value = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in {admin}/stats:\n{stats}"))
-    };
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone");
+    let (stats, value) = (&envoy.0, |name: &str| envoy.value(name));
+    let prom = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats/prometheus", &[], None).body;
     assert_eq!(value("dialtone.allowed.apikey"), 4);
     assert_eq!(value("dialtone.allowed.privy"), 3);
     assert_eq!((value("dialtone.cache.token.miss"), value("dialtone.cache.token.hit")), (1, 2), "{stats}");
@@ -562,14 +552,8 @@ fn a_token_is_verified_once_per_envoy_not_once_per_worker() {
         let r = dialtone_e2e::raw_request(t.stack.opts.ports.listen, "GET", "/echo/free/shared", &[("authorization", bearer(&token).as_bytes())], None);
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone.cache", &[], None).body;
-    let value = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in stats:\n{stats}"))
-    };
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone.cache");
+    let (stats, value) = (&envoy.0, |name: &str| envoy.value(name));
     let (miss, hit, shared) =
         (value("dialtone.cache.token.miss"), value("dialtone.cache.token.hit"), value("dialtone.cache.token.shared_hit"));
     assert_eq!(miss + hit + shared, 30, "{stats}");

@@ -219,14 +219,8 @@ fn jwks_host_faults_keep_the_last_good_keys() {
     // fetches: at least the 404 at start, the host down, the 6 faults failed;
     // at least 2 documents taken. (At least: the root context's own
     // scheduled retries may add some.)
-    let stats = dialtone_e2e::raw_request(t.stack.opts.ports.admin, "GET", "/stats?filter=dialtone", &[], None).body;
-    let value = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in stats:\n{stats}"))
-    };
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone");
+    let (stats, value) = (&envoy.0, |name: &str| envoy.value(name));
     assert_eq!(value("dialtone.denied.unauthorized"), 2 + 6, "{stats}");
     assert_eq!(value("dialtone.denied.unauthorized.token_unknown_kid"), 2 + 6, "{stats}");
     assert_eq!(value("dialtone.allowed.privy"), 1 + 6 + 2, "{stats}");
