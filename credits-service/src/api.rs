@@ -792,22 +792,24 @@ pub fn ledger_json(e: &crate::store::LedgerEntry) -> Value {
     })
 }
 
-/// The admin API's answer to a refund.
-pub fn refund_reply(outcome: &RefundOutcome) -> Reply {
+/// A done refund as the admin API and `dialtone-credits refund --json` show it.
+pub fn refunded_json(outcome: &RefundOutcome) -> Option<Value> {
     match outcome {
-        RefundOutcome::Refunded {
-            account,
-            amount,
-            balance,
-            idempotency_key,
-            hold_id,
-        } => Reply::ok(json!({
+        RefundOutcome::Refunded { account, amount, balance, idempotency_key, hold_id } => Some(json!({
             "refunded": amount,
             "account": account,
             "balance": balance,
             "idempotency_key": idempotency_key,
             "hold_id": hold_id,
         })),
+        _ => None,
+    }
+}
+
+/// The admin API's answer to a refund.
+pub fn refund_reply(outcome: &RefundOutcome) -> Reply {
+    match outcome {
+        RefundOutcome::Refunded { .. } => Reply::ok(refunded_json(outcome).unwrap_or_default()),
         RefundOutcome::AlreadyRefunded { .. } => Reply::error(409, "already_refunded"),
         RefundOutcome::NotFound => Reply::error(404, "nothing_to_refund"),
         RefundOutcome::NotRefundable { state } => Reply::json(

@@ -578,26 +578,11 @@ fn refund(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), 
     args.allow_only("refund", &["--note"])?;
     let [key] = args.operands("refund", 1, ["IDEMPOTENCY_KEY"])?;
     let mut store = Store::connect(db)?;
-    match store.refund(&key, args.get("--note"), unix_now())? {
-        RefundOutcome::Refunded {
-            account,
-            amount,
-            balance,
-            idempotency_key,
-            hold_id,
-        } => {
+    let outcome = store.refund(&key, args.get("--note"), unix_now())?;
+    match &outcome {
+        RefundOutcome::Refunded { account, amount, balance, idempotency_key, .. } => {
             if json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({
-                        "refunded": amount,
-                        "account": account,
-                        "balance": balance,
-                        "idempotency_key": idempotency_key,
-                        "hold_id": hold_id,
-                    })
-                )?;
+                writeln!(out, "{}", api::refunded_json(&outcome).unwrap_or_default())?;
             } else {
                 writeln!(
                     out,
