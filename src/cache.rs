@@ -37,6 +37,20 @@ pub fn sha256(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
+/// A verifier's fingerprint extended with `keys` (kid and SEC1 point each):
+/// what a shared slot is bound to. The policy compiles the fingerprint of
+/// its issuer, audience, leeway and pinned keys once; fetched keys extend it.
+pub fn keys_fingerprint(base: &[u8], keys: &[crate::privy_jwt::EsKey]) -> Digest32 {
+    let mut h = Sha256::new();
+    h.update(base);
+    for k in keys {
+        h.update(k.kid.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
+        h.update(k.key.to_encoded_point(false).as_bytes());
+    }
+    h.finalize().into()
+}
+
 /// The host's key-value store shared by the VMs of one Envoy (same VM id).
 pub trait SharedStore {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
@@ -233,10 +247,13 @@ impl Caches {
         };
         if hit.is_some() {
             self.stats.token_hits = self.stats.token_hits.saturating_add(1);
-        } else {
-            self.stats.token_misses = self.stats.token_misses.saturating_add(1);
         }
         hit
+    }
+
+    /// Neither this VM nor another had the token: the verifier runs.
+    pub fn verifying_token(&mut self) {
+        self.stats.token_misses = self.stats.token_misses.saturating_add(1);
     }
 
     /// Remembers a token the verifier accepted. `leeway` is the verifier's.
@@ -252,11 +269,9 @@ impl Caches {
         self.tokens.capacity > 0
     }
 
-    /// A token another VM verified (read from its shared slot): kept locally
-    /// too, and counted as a shared hit instead of the local miss.
+    /// A token another VM verified (read from its shared slot): kept locally too.
     pub fn token_from_shared(&mut self, digest: Digest32, session: &Session, expired_from: i64) {
         self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from });
-        self.stats.token_misses = self.stats.token_misses.saturating_sub(1);
         self.stats.token_shared_hits = self.stats.token_shared_hits.saturating_add(1);
     }
 
@@ -334,7 +349,7 @@ mod tests {
         assert_eq!(c.verified_token(&d, 204).map(|s| s.expires_at), Some(200));
         assert_eq!(c.verified_token(&d, 205), None, "the verifier calls it expired at exp + leeway");
         assert_eq!(c.sizes().0, 0, "an expired entry is dropped");
-        assert_eq!(c.take_stats(), CacheStats { token_hits: 1, token_misses: 2, ..CacheStats::default() });
+        assert_eq!(c.take_stats(), CacheStats { token_hits: 1, ..CacheStats::default() }, "misses are counted by the verifier's caller");
         assert_eq!(c.take_stats(), CacheStats::default());
     }
 

@@ -310,34 +310,18 @@ fn verify_sharing(
         return privy.verifier.verify_with(jwt, now, fetched);
     }
     let slot = cache::shared_slot(&digest);
-    let verifier = verifier_fingerprint(privy, fetched);
+    let verifier = if fetched.is_empty() { privy.fingerprint } else { cache::keys_fingerprint(&privy.fingerprint, fetched) };
     if let Some((session, expired_from)) = shared.get(&slot).and_then(|v| cache::decode_shared(&v, &digest, &verifier, now)) {
         caches.token_from_shared(digest, &session, expired_from);
         return Ok(session);
     }
+    caches.verifying_token();
     let session = privy.verifier.verify_with(jwt, now, fetched)?;
     let expired_from = caches.token_verified(digest, &session, privy.verifier.leeway_secs);
     if let Some(value) = cache::encode_shared(&digest, &verifier, &session, expired_from) {
         shared.set(&slot, &value);
     }
     Ok(session)
-}
-
-/// What a shared verified-token slot must have been written under: the
-/// policy's issuer, audience and leeway, and every key it trusts now.
-fn verifier_fingerprint(privy: &crate::policy::PrivyConfig, fetched: &[crate::privy_jwt::EsKey]) -> cache::Digest32 {
-    use sha2::{Digest, Sha256};
-    let v = &privy.verifier;
-    let mut h = Sha256::new();
-    for part in [v.issuer.as_bytes(), b"\0", v.app_id.as_bytes(), b"\0", &v.leeway_secs.to_le_bytes()] {
-        h.update(part);
-    }
-    for k in v.keys.iter().chain(fetched) {
-        h.update(k.kid.as_deref().unwrap_or("").as_bytes());
-        h.update(b"\0");
-        h.update(k.key.to_encoded_point(false).as_bytes());
-    }
-    h.finalize().into()
 }
 
 fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, digest: cache::Digest32, idempotency_key: String) -> Decision {
@@ -913,10 +897,13 @@ mod tests {
         assert!(matches!(decide_shared(&c, &req, NOW * 1000, &mut Caches::new(16, 0, 0), &shared), Decision::Allow(_)));
         // Another policy on the same VM id: another audience. The slot the
         // first one wrote must not let this token (aud app-1) through here.
-        let mut other = config();
-        if let Some(p) = other.privy.as_mut() {
-            p.verifier.app_id = "app-2".into();
-        }
+        let pem = signing_key().verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let other = serde_json::json!({
+            "credits_service": {"cluster": "credits"},
+            "privy": {"app_id": "app-2", "verification_key": pem},
+            "routes": [{"name": "account", "methods": ["GET"], "path": {"exact": "/account"}}]
+        });
+        let other = Config::from_json(other.to_string().as_bytes(), None).unwrap();
         let mut caches = Caches::new(16, 0, 0);
         assert_eq!(
             denial(decide_shared(&other, &req, NOW * 1000, &mut caches, &shared)),

@@ -104,43 +104,37 @@ pub fn all_counters() -> impl Iterator<Item = &'static str> {
     COUNTERS.iter().chain(UNAUTHORIZED_REASONS).chain(UNAVAILABLE_REASONS).copied()
 }
 
-/// The reason counter of a refusal, for 401s and 503s.
+/// The reason counter of a refusal, for 401s and 503s (each one of
+/// [`UNAUTHORIZED_REASONS`] / [`UNAVAILABLE_REASONS`], as a test checks).
 pub fn denied_reason(d: &Denial) -> Option<&'static str> {
     use crate::credits_api::ServiceError as S;
     use crate::denial::AuthFailure as A;
     use crate::privy_jwt::JwtError as J;
-    let (list, i) = match d {
-        Denial::Unauthorized(why) => (
-            UNAUTHORIZED_REASONS,
-            match why {
-                A::Missing => 0,
-                A::Header(_) => 1,
-                A::Format(_) => 2,
-                A::Jwt(J::UnknownKid) => 4,
-                A::Jwt(J::Signature) => 5,
-                A::Jwt(J::Issuer | J::Audience) => 6,
-                A::Jwt(J::Expired | J::NotYetValid | J::IssuedInFuture) => 7,
-                A::Jwt(_) => 3,
-                A::PrivyNotConfigured => 8,
-                A::UnknownKey => 9,
-                A::Revoked => 10,
-                A::Expired => 11,
-            },
-        ),
-        Denial::CreditsUnavailable(e) => (
-            UNAVAILABLE_REASONS,
-            match e {
-                S::Unavailable => 0,
-                S::Status(_) => 1,
-                S::Garbage => 2,
-                S::TooLarge => 3,
-                S::Inconsistent => 4,
-                S::DispatchFailed => 5,
-            },
-        ),
+    Some(match d {
+        Denial::Unauthorized(why) => match why {
+            A::Missing => "dialtone.denied.unauthorized.missing",
+            A::Header(_) => "dialtone.denied.unauthorized.malformed_header",
+            A::Format(_) => "dialtone.denied.unauthorized.unknown_format",
+            A::Jwt(J::UnknownKid) => "dialtone.denied.unauthorized.token_unknown_kid",
+            A::Jwt(J::Signature) => "dialtone.denied.unauthorized.token_signature",
+            A::Jwt(J::Issuer | J::Audience) => "dialtone.denied.unauthorized.token_claims",
+            A::Jwt(J::Expired | J::NotYetValid | J::IssuedInFuture) => "dialtone.denied.unauthorized.token_time",
+            A::Jwt(_) => "dialtone.denied.unauthorized.token_malformed",
+            A::PrivyNotConfigured => "dialtone.denied.unauthorized.privy_not_accepted",
+            A::UnknownKey => "dialtone.denied.unauthorized.unknown_key",
+            A::Revoked => "dialtone.denied.unauthorized.key_revoked",
+            A::Expired => "dialtone.denied.unauthorized.key_expired",
+        },
+        Denial::CreditsUnavailable(e) => match e {
+            S::Unavailable => "dialtone.denied.credits_unavailable.unreachable",
+            S::Status(_) => "dialtone.denied.credits_unavailable.bad_status",
+            S::Garbage => "dialtone.denied.credits_unavailable.garbage",
+            S::TooLarge => "dialtone.denied.credits_unavailable.too_large",
+            S::Inconsistent => "dialtone.denied.credits_unavailable.inconsistent",
+            S::DispatchFailed => "dialtone.denied.credits_unavailable.dispatch_failed",
+        },
         _ => return None,
-    };
-    list.get(i).copied()
+    })
 }
 
 pub fn allowed(method: AuthMethod) -> &'static str {
@@ -209,6 +203,20 @@ mod tests {
             assert_eq!(name, Some(format!("dialtone.denied.credits_unavailable.{}", e.reason())).as_deref());
         }
         assert_eq!(denied_reason(&Denial::RouteNotAllowed), None);
+        // Every reason the match can give is a defined counter.
+        use crate::bearer::{BearerError, ClassifyError};
+        let mut whys = vec![A::Missing, A::Header(BearerError::TooLong), A::Format(ClassifyError::UnknownFormat)];
+        whys.extend([A::PrivyNotConfigured, A::UnknownKey, A::Revoked, A::Expired]);
+        whys.extend(
+            [J::Structure, J::UnknownKid, J::Signature, J::Issuer, J::Audience, J::Expired, J::NotYetValid, J::IssuedInFuture]
+                .map(A::Jwt),
+        );
+        let mut given: Vec<&str> = whys.into_iter().filter_map(|w| denied_reason(&Denial::Unauthorized(w))).collect();
+        given.sort_unstable();
+        given.dedup();
+        let mut listed = UNAUTHORIZED_REASONS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(given, listed, "the match and the list name the same reasons");
         for name in all_counters() {
             assert!(name.starts_with("dialtone.") && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
         }

@@ -53,6 +53,9 @@ pub struct PrivyConfig {
     pub accept_cookie: bool,
     pub jwks_fetch: Option<JwksFetch>,
     pub token_cache_entries: usize,
+    /// What a shared verified-token slot is bound to: issuer, audience,
+    /// leeway and pinned keys (fetched keys extend it per key set).
+    pub fingerprint: crate::cache::Digest32,
 }
 
 /// Where and how often the issuer's JWKS is fetched.
@@ -387,6 +390,10 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             err("$.privy".into(), "needs a verification_key (PEM), a jwks document or jwks_fetch".into());
         }
         let usable = !keys.is_empty() || jwks_fetch.is_some();
+        let fingerprint = crate::cache::keys_fingerprint(
+            &[p.issuer.as_bytes(), b"\0", p.app_id.as_bytes(), b"\0", &p.leeway_seconds.to_le_bytes(), b"\0"].concat(),
+            &keys,
+        );
         usable.then(|| PrivyConfig {
             verifier: PrivyVerifier {
                 keys,
@@ -397,6 +404,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             accept_cookie: p.accept_cookie,
             jwks_fetch,
             token_cache_entries: p.token_cache_entries,
+            fingerprint,
         })
     });
 
