@@ -20,12 +20,18 @@ WASM_OPT_FLAGS := -O3 --strip-debug --strip-producers --enable-bulk-memory --ena
 WASM_MAX_BYTES := 524288
 PYTHON        ?= python3
 
-.PHONY: run test bench bench-smoke bench-build build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package fuzz fuzz-smoke clean size size-check
+.PHONY: run test bench bench-smoke bench-build build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package fuzz fuzz-regress clean size size-check
 
-run: build envoy
+# Only what the local stack runs: the filter, Envoy, the devstack and the
+# key/credits service it starts (not the harness's wasmtime, nor the policy tool).
+run: wasm envoy run-build
 	./target/release/dialtone-devstack run
 
-test: build envoy lint unit harness cases policy-check deploy-check e2e pg size-check fuzz-smoke bench-smoke
+.PHONY: run-build
+run-build:
+	$(CARGO) build --release -p dialtone-credits -p dialtone-devstack
+
+test: build envoy lint unit harness cases policy-check deploy-check e2e pg size-check fuzz-regress bench-smoke
 	@echo "make test: all suites passed (.wasm: $$(stat -c %s $(WASM)) bytes)"
 
 # --- installs ---------------------------------------------------------------
@@ -74,7 +80,7 @@ lint: wasm-target
 	$(CARGO) clippy --profile wasm-release --target $(WASM_TARGET) -p dialtone --lib -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Native unit tests, the conformance vectors (../shared/testdata) and the
+# Native unit tests, the conformance vectors (tests/vectors) and the
 # key/credits service's own suite.
 unit:
 	$(CARGO) test -p dialtone -p dialtone-credits -p dialtone-devstack
@@ -98,15 +104,19 @@ policy-check: build
 deploy-check: build envoy
 	$(CARGO) test -p dialtone-deploy
 
-# cargo-fuzz targets for the parsers and the decision (fuzz/README.md):
-# installs cargo-fuzz if missing, runs each target for FUZZ_SECONDS, fails on
-# a crash. `make test` runs each target for 10 s (fuzz-smoke: about 4.5 min
-# from clean, 2 of it installing cargo-fuzz; about 70 s warm).
+# cargo-fuzz targets for the parsers, the decision and ES256 (fuzz/README.md);
+# both install cargo-fuzz if missing. `make test` runs fuzz-regress: every
+# target replays its checked-in seeds and the inputs kept in
+# fuzz/artifacts-found/ once each (libFuzzer -runs=0, no search: the same
+# tree, the same verdict), failing on any crash: about 3 min from a fresh
+# clone (the build; plus ~100 s to install cargo-fuzz), ~35 s after a change
+# in src/, under 2 s warm; the replay itself takes 1-3 s. The open-ended
+# search, each target for FUZZ_SECONDS, is `make fuzz` (not part of `make test`).
 FUZZ_SECONDS ?= 300
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
-fuzz-smoke:
-	scripts/fuzz.sh 10
+fuzz-regress:
+	scripts/fuzz-regress.sh
 
 # Speed: dialtone against Envoy passthrough, an empty wasm filter, jwt_authn
 # and ext_authz, in one run (bench/src/main.rs says how). Installs wrk from
@@ -137,7 +147,7 @@ package: build
 PG_DIR  := target/pg
 PG_PORT := 55432
 pg: build envoy
-	scripts/with-postgres.sh $(PG_DIR) $(PG_PORT) sh -c '$(CARGO) test -p dialtone-credits && $(CARGO) test -p dialtone-e2e --test credits'
+	scripts/with-postgres.sh $(PG_DIR) $(PG_PORT) sh -c '$(CARGO) test -p dialtone-credits && DIALTONE_E2E_BACKEND=postgres $(CARGO) test -p dialtone-e2e --test credits'
 
 # A real Envoy loading the built .wasm, in front of the real service.
 e2e: build envoy

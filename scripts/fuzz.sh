@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/ for SECONDS_PER_TARGET seconds each
-# (default 60), one after the other, and fails if any target crashes.
+# (default 60), one after the other, and fails if any target crashes. This is
+# the open-ended search (make fuzz); what it finds depends on luck and time.
+# `make test` runs scripts/fuzz-regress.sh instead: every checked-in seed and
+# kept crash input once, the same verdict every time.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]
 #

@@ -15,17 +15,28 @@
 //! Both are bounded (oldest entry out first) so a client sending a new
 //! token per request can't grow a VM's memory.
 //!
+//! Every verified token is bound to the verifier that accepted it (the
+//! fingerprint of the issuer, audience, leeway and keys): a token verified
+//! under another policy or an older key set is verified again.
+//!
 //! Verified tokens are also shared by the VMs of one Envoy (one per worker)
 //! through proxy-wasm shared data ([`SharedStore`]), so a token is verified
 //! once per Envoy, not once per worker: a fixed set of [`SHARED_SLOTS`]
 //! slots (bounded host memory; a collision only overwrites), each holding
-//! one token's digest, the session, its expiry, and the fingerprint of the
-//! verifier that accepted it (issuer, audience, leeway, keys): an entry
-//! written by another policy sharing the VM id, or before the issuer's
-//! keys changed, is ignored.
+//! one token's digest, the session, its expiry, the verifier's fingerprint,
+//! and an HMAC-SHA256 over all of it. Shared data is readable and writable
+//! by every Wasm module with the same `vm_id` (another plugin, or an older
+//! dialtone during a rollout), and the fingerprint is made of public values
+//! only, so without the MAC anyone there could mint "verified" tokens. The
+//! MAC key is derived from a secret that only dialtone's VMs get from the
+//! host environment ([`SHARED_SECRET_ENV`], like the admin key) and from
+//! this build's id ([`crate::BUILD_ID`]): without the secret nothing is
+//! shared, and a slot written by another build (say, one with a verifier
+//! bug since fixed) does not verify.
 
 use std::collections::{HashMap, VecDeque};
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::credits_api::KeyRecord;
@@ -57,19 +68,74 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8]);
 }
 
-/// No sharing (tests, the fuzzers, and the uncached `decide`).
-pub struct NoSharing;
+/// The VM environment variable holding the secret that authenticates shared
+/// verified-token slots (Envoy: `vm_config.environment_variables`, from a
+/// Secret in Istio / Envoy Gateway). Without it, tokens are cached per VM only.
+pub const SHARED_SECRET_ENV: &str = "DIAL_SHARED_CACHE_SECRET";
+/// Shorter secrets are refused at load.
+pub const MIN_SHARED_SECRET_LEN: usize = 32;
 
-impl SharedStore for NoSharing {
-    fn get(&self, _key: &str) -> Option<Vec<u8>> {
-        None
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key shared slots are authenticated with: derived from the secret and
+/// this build's id, so only VMs of this very build with the secret agree.
+#[derive(Clone)]
+pub struct SlotKey([u8; 32]);
+
+impl std::fmt::Debug for SlotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotKey(…)") // never the key
     }
-    fn set(&self, _key: &str, _value: &[u8]) {}
+}
+
+/// Why the shared-slot secret was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretTooShort;
+
+impl std::fmt::Display for SecretTooShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{SHARED_SECRET_ENV} must be at least {MIN_SHARED_SECRET_LEN} characters")
+    }
+}
+
+impl SlotKey {
+    /// The key for `secret` in `build` (see [`crate::BUILD_ID`]).
+    pub fn derive(secret: &[u8], build: &str) -> Result<SlotKey, SecretTooShort> {
+        if secret.len() < MIN_SHARED_SECRET_LEN {
+            return Err(SecretTooShort);
+        }
+        let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| SecretTooShort)?;
+        mac.update(b"dialtone shared verified-token slot\0");
+        mac.update(build.as_bytes());
+        Ok(SlotKey(mac.finalize().into_bytes().into()))
+    }
+
+    /// The key from the VM environment's value: none (no sharing) when the
+    /// variable is unset or empty; an error when it is too short.
+    pub fn from_env(value: Option<&str>) -> Result<Option<SlotKey>, SecretTooShort> {
+        match value.filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => SlotKey::derive(v.as_bytes(), crate::BUILD_ID).map(Some),
+        }
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC takes a key of any length: the fallback is never used.
+        HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+    }
+}
+
+/// A store and the key its slots are authenticated with.
+#[derive(Clone, Copy)]
+pub struct Sharing<'a> {
+    pub store: &'a dyn SharedStore,
+    pub key: &'a SlotKey,
 }
 
 /// Shared slots for verified tokens (a few hundred bytes each).
 pub const SHARED_SLOTS: u16 = 4096;
-const SHARED_MAGIC: &[u8; 4] = b"dt1\0";
+const SHARED_MAGIC: &[u8; 4] = b"dt2\0";
+const MAC_LEN: usize = 32;
 
 /// The shared-data key of a token's slot.
 pub fn shared_slot(digest: &Digest32) -> String {
@@ -78,10 +144,11 @@ pub fn shared_slot(digest: &Digest32) -> String {
 }
 
 /// A slot's value: the token's digest, the verifier's fingerprint, the
-/// first second the token is expired from, the session.
-pub fn encode_shared(digest: &Digest32, verifier: &Digest32, session: &Session, expired_from: i64) -> Option<Vec<u8>> {
+/// first second the token is expired from, the session; then the MAC of
+/// all of it.
+pub fn encode_shared(key: &SlotKey, digest: &Digest32, verifier: &Digest32, session: &Session, expired_from: i64) -> Option<Vec<u8>> {
     let account = u16::try_from(session.account.len()).ok()?;
-    let mut v = Vec::with_capacity(80 + session.account.len() + session.session_id.len());
+    let mut v = Vec::with_capacity(80 + MAC_LEN + session.account.len() + session.session_id.len());
     v.extend_from_slice(SHARED_MAGIC);
     v.extend_from_slice(digest);
     v.extend_from_slice(verifier);
@@ -89,14 +156,23 @@ pub fn encode_shared(digest: &Digest32, verifier: &Digest32, session: &Session, 
     v.extend_from_slice(&account.to_le_bytes());
     v.extend_from_slice(session.account.as_bytes());
     v.extend_from_slice(session.session_id.as_bytes());
+    let mut mac = key.mac();
+    mac.update(&v);
+    v.extend_from_slice(&mac.finalize().into_bytes());
     Some(v)
 }
 
-/// The session in a slot, if it is this token's, written by this verifier,
-/// and not expired at `now`. Anything else (another token, another policy,
-/// old keys, garbage) is None.
-pub fn decode_shared(value: &[u8], digest: &Digest32, verifier: &Digest32, now: i64) -> Option<(Session, i64)> {
-    let rest = value.strip_prefix(SHARED_MAGIC.as_slice())?;
+/// The session in a slot, if its MAC is right (written by a VM of this
+/// build holding the secret), and it is this token's, written by this
+/// verifier, and not expired at `now`. Anything else (a forged or foreign
+/// slot, another token, another policy, old keys, garbage) is None.
+pub fn decode_shared(key: &SlotKey, value: &[u8], digest: &Digest32, verifier: &Digest32, now: i64) -> Option<(Session, i64)> {
+    let (body, tag) = value.split_at_checked(value.len().checked_sub(MAC_LEN)?)?;
+    let mut mac = key.mac();
+    mac.update(body);
+    // Constant time (hmac's verify).
+    mac.verify_slice(tag).ok()?;
+    let rest = body.strip_prefix(SHARED_MAGIC.as_slice())?;
     let (d, rest) = rest.split_first_chunk::<32>()?;
     let (f, rest) = rest.split_first_chunk::<32>()?;
     let (e, rest) = rest.split_first_chunk::<8>()?;
@@ -114,8 +190,8 @@ pub fn decode_shared(value: &[u8], digest: &Digest32, verifier: &Digest32, now: 
         session_id: String::from_utf8(session_id.to_vec()).ok()?,
         expires_at: 0,
     };
-    // What the verifier guarantees of a session, checked again: an entry
-    // is only as trustworthy as the VMs that can write it.
+    // What the verifier guarantees of a session, checked again (defence in
+    // depth: the MAC already says a VM of this build wrote it).
     (!session.account.is_empty() && crate::privy_jwt::is_header_safe(&session.account) && !session.session_id.is_empty())
         .then_some((session, expired_from))
 }
@@ -171,12 +247,13 @@ impl<V> Bounded<V> {
     }
 }
 
-/// A verified token: who it proves, and the first second at which the
-/// verifier would call it expired.
+/// A verified token: who it proves, the first second at which the
+/// verifier would call it expired, and the verifier that accepted it.
 #[derive(Debug, Clone)]
 struct VerifiedToken {
     session: Session,
     expired_from: i64,
+    verifier: Digest32,
 }
 
 /// A key lookup and when it was answered (milliseconds, host clock).
@@ -230,16 +307,18 @@ impl Caches {
         Caches::new(0, 0, 0)
     }
 
-    /// The session a token was verified for, if it is cached and the
-    /// verifier would still accept it at `now` (seconds).
-    pub fn verified_token(&mut self, digest: &Digest32, now: i64) -> Option<Session> {
+    /// The session a token was verified for, if it is cached, was verified
+    /// by `verifier` (this policy, these keys), and the verifier would still
+    /// accept it at `now` (seconds).
+    pub fn verified_token(&mut self, digest: &Digest32, verifier: &Digest32, now: i64) -> Option<Session> {
         if self.tokens.capacity == 0 {
             return None;
         }
         let hit = match self.tokens.get(digest) {
-            Some(t) if now < t.expired_from => Some(t.session.clone()),
+            Some(t) if now < t.expired_from && t.verifier == *verifier => Some(t.session.clone()),
             Some(_) => {
-                // Expired: let the verifier say so (and forget it).
+                // Expired, or verified under other keys: let the verifier
+                // say (and forget it).
                 self.tokens.remove(digest);
                 None
             }
@@ -258,9 +337,9 @@ impl Caches {
 
     /// Remembers a token the verifier accepted. `leeway` is the verifier's.
     /// Returns the first second it is expired from.
-    pub fn token_verified(&mut self, digest: Digest32, session: &Session, leeway: i64) -> i64 {
+    pub fn token_verified(&mut self, digest: Digest32, verifier: &Digest32, session: &Session, leeway: i64) -> i64 {
         let expired_from = session.expires_at.saturating_add(leeway);
-        self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from });
+        self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from, verifier: *verifier });
         expired_from
     }
 
@@ -270,13 +349,14 @@ impl Caches {
     }
 
     /// A token another VM verified (read from its shared slot): kept locally too.
-    pub fn token_from_shared(&mut self, digest: Digest32, session: &Session, expired_from: i64) {
-        self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from });
+    pub fn token_from_shared(&mut self, digest: Digest32, verifier: &Digest32, session: &Session, expired_from: i64) {
+        self.tokens.insert(digest, VerifiedToken { session: session.clone(), expired_from, verifier: *verifier });
         self.stats.token_shared_hits = self.stats.token_shared_hits.saturating_add(1);
     }
 
-    /// Forgets every verified token: the issuer's key set changed, and a
-    /// token verified with a key that is gone must be checked again.
+    /// Forgets every verified token: the issuer's key set changed. Entries
+    /// are bound to their verifier anyway (they would no longer be served);
+    /// this frees their memory.
     pub fn keys_changed(&mut self) {
         self.tokens.clear();
     }
@@ -328,6 +408,12 @@ mod tests {
         Session { account: "did:privy:u1".into(), session_id: "s".into(), expires_at: exp }
     }
 
+    const V: Digest32 = [7; 32];
+
+    fn key() -> SlotKey {
+        SlotKey::derive(b"a shared-cache secret of 32 chars", "test-build").unwrap()
+    }
+
     fn record(prefix: &str) -> KeyRecord {
         KeyRecord {
             account: "acct".into(),
@@ -344,10 +430,10 @@ mod tests {
     fn a_token_is_served_until_exp_plus_leeway_then_forgotten() {
         let mut c = Caches::new(4, 0, 0);
         let d = sha256(b"token");
-        assert_eq!(c.verified_token(&d, 100), None);
-        c.token_verified(d, &session(200), 5);
-        assert_eq!(c.verified_token(&d, 204).map(|s| s.expires_at), Some(200));
-        assert_eq!(c.verified_token(&d, 205), None, "the verifier calls it expired at exp + leeway");
+        assert_eq!(c.verified_token(&d, &V, 100), None);
+        c.token_verified(d, &V, &session(200), 5);
+        assert_eq!(c.verified_token(&d, &V, 204).map(|s| s.expires_at), Some(200));
+        assert_eq!(c.verified_token(&d, &V, 205), None, "the verifier calls it expired at exp + leeway");
         assert_eq!(c.sizes().0, 0, "an expired entry is dropped");
         assert_eq!(c.take_stats(), CacheStats { token_hits: 1, ..CacheStats::default() }, "misses are counted by the verifier's caller");
         assert_eq!(c.take_stats(), CacheStats::default());
@@ -357,21 +443,21 @@ mod tests {
     fn bounded_oldest_out_first_and_stale_slots_evict_nothing() {
         let mut c = Caches::new(2, 0, 0);
         let (a, b, x) = (sha256(b"a"), sha256(b"b"), sha256(b"x"));
-        c.token_verified(a, &session(1000), 0);
-        c.token_verified(b, &session(1000), 0);
-        c.token_verified(x, &session(1000), 0);
-        assert!(c.verified_token(&a, 1).is_none());
-        assert!(c.verified_token(&b, 1).is_some() && c.verified_token(&x, 1).is_some());
+        c.token_verified(a, &V, &session(1000), 0);
+        c.token_verified(b, &V, &session(1000), 0);
+        c.token_verified(x, &V, &session(1000), 0);
+        assert!(c.verified_token(&a, &V, 1).is_none());
+        assert!(c.verified_token(&b, &V, 1).is_some() && c.verified_token(&x, &V, 1).is_some());
         // Re-inserting b leaves a stale slot for it at the front: evicting
         // that slot must not drop the fresh b.
-        c.token_verified(b, &session(1000), 0);
-        c.token_verified(a, &session(1000), 0);
-        assert!(c.verified_token(&b, 1).is_some(), "the fresh entry survived its stale slot");
-        assert!(c.verified_token(&a, 1).is_some());
-        assert!(c.verified_token(&x, 1).is_none());
+        c.token_verified(b, &V, &session(1000), 0);
+        c.token_verified(a, &V, &session(1000), 0);
+        assert!(c.verified_token(&b, &V, 1).is_some(), "the fresh entry survived its stale slot");
+        assert!(c.verified_token(&a, &V, 1).is_some());
+        assert!(c.verified_token(&x, &V, 1).is_none());
         for i in 0..1000u32 {
-            c.token_verified(sha256(&i.to_le_bytes()), &session(1000), 0);
-            c.token_verified(a, &session(1000), 0);
+            c.token_verified(sha256(&i.to_le_bytes()), &V, &session(1000), 0);
+            c.token_verified(a, &V, &session(1000), 0);
         }
         assert!(c.sizes().0 <= 2 && c.tokens.order.len() <= 4, "map and queue stay bounded");
     }
@@ -380,10 +466,10 @@ mod tests {
     fn keys_changed_forgets_tokens() {
         let mut c = Caches::new(4, 4, 500);
         let d = sha256(b"t");
-        c.token_verified(d, &session(1000), 0);
+        c.token_verified(d, &V, &session(1000), 0);
         c.key_looked_up(d, &record("abc12345"), 0);
         c.keys_changed();
-        assert!(c.verified_token(&d, 1).is_none());
+        assert!(c.verified_token(&d, &V, 1).is_none());
         assert!(c.looked_up_key(&d, 1).is_some(), "key lookups do not depend on the issuer's keys");
     }
 
@@ -403,34 +489,78 @@ mod tests {
     fn zero_disables() {
         let mut c = Caches::new(0, 8, 0);
         let d = sha256(b"k");
-        c.token_verified(d, &session(1000), 0);
+        c.token_verified(d, &V, &session(1000), 0);
         c.key_looked_up(d, &record("abc12345"), 0);
-        assert!(c.verified_token(&d, 1).is_none() && c.looked_up_key(&d, 1).is_none());
+        assert!(c.verified_token(&d, &V, 1).is_none() && c.looked_up_key(&d, 1).is_none());
         assert_eq!(c.take_stats(), CacheStats::default(), "a disabled cache counts nothing");
     }
 
     #[test]
+    fn a_token_verified_under_other_keys_is_not_served() {
+        let mut c = Caches::new(4, 0, 0);
+        let d = sha256(b"token");
+        c.token_verified(d, &V, &session(1000), 0);
+        assert!(c.verified_token(&d, &[8; 32], 1).is_none(), "another verifier (policy or key set)");
+        assert!(c.verified_token(&d, &V, 1).is_none(), "and it was forgotten");
+    }
+
+    #[test]
     fn a_shared_slot_round_trips_and_refuses_anything_else() {
+        let k = key();
         let (d, other) = (sha256(b"token"), sha256(b"other token"));
         let (f, f2) = (sha256(b"verifier"), sha256(b"another policy"));
         let s = Session { account: "did:privy:u1".into(), session_id: "sid-1".into(), expires_at: 200 };
-        let v = encode_shared(&d, &f, &s, 260).unwrap();
-        let (got, exp) = decode_shared(&v, &d, &f, 259).unwrap();
+        let v = encode_shared(&k, &d, &f, &s, 260).unwrap();
+        let (got, exp) = decode_shared(&k, &v, &d, &f, 259).unwrap();
         assert_eq!((got.account.as_str(), got.session_id.as_str(), exp), ("did:privy:u1", "sid-1", 260));
-        assert!(decode_shared(&v, &d, &f, 260).is_none(), "expired");
-        assert!(decode_shared(&v, &other, &f, 0).is_none(), "another token in the slot");
-        assert!(decode_shared(&v, &d, &f2, 0).is_none(), "written by another verifier (policy or keys)");
-        // Cut anywhere before the session id: refused.
-        for cut in 0..(4 + 32 + 32 + 8 + 2 + s.account.len()) {
-            assert!(decode_shared(&v[..cut], &d, &f, 0).is_none(), "truncated at {cut}");
+        assert!(decode_shared(&k, &v, &d, &f, 260).is_none(), "expired");
+        assert!(decode_shared(&k, &v, &other, &f, 0).is_none(), "another token in the slot");
+        assert!(decode_shared(&k, &v, &d, &f2, 0).is_none(), "written by another verifier (policy or keys)");
+        // Cut anywhere: refused (the MAC covers every byte).
+        for cut in 0..v.len() {
+            assert!(decode_shared(&k, &v[..cut], &d, &f, 0).is_none(), "truncated at {cut}");
         }
-        assert!(decode_shared(b"garbage", &d, &f, 0).is_none());
-        let mut bad = v.clone();
-        let at = 4 + 32 + 32 + 8;
-        bad[at] = 0xff; // an account length past the end
-        assert!(decode_shared(&bad, &d, &f, 0).is_none());
+        assert!(decode_shared(&k, b"garbage", &d, &f, 0).is_none());
+        // Any flipped bit: refused.
+        for at in 0..v.len() {
+            let mut bad = v.clone();
+            bad[at] ^= 0x01;
+            assert!(decode_shared(&k, &bad, &d, &f, 0).is_none(), "bit flipped at {at}");
+        }
         let crlf = Session { account: "a\r\nx-evil: 1".into(), ..s.clone() };
-        assert!(decode_shared(&encode_shared(&d, &f, &crlf, 260).unwrap(), &d, &f, 0).is_none(), "unsafe account");
+        assert!(decode_shared(&k, &encode_shared(&k, &d, &f, &crlf, 260).unwrap(), &d, &f, 0).is_none(), "unsafe account");
         assert!(shared_slot(&d).starts_with("dialtone.verified.") && shared_slot(&d).len() == "dialtone.verified.".len() + 3);
+    }
+
+    #[test]
+    fn a_slot_minted_without_the_secret_or_by_another_build_is_refused() {
+        let (d, f) = (sha256(b"eyJhIn0.eyJhIn0.AA"), sha256(b"public fingerprint"));
+        let victim = Session { account: "did:privy:victim".into(), session_id: "s".into(), expires_at: i64::MAX - 1 };
+        let ours = key();
+        // Everything in a slot but the MAC is public: an attacker on the same
+        // vm_id writes the slot with every field right and a MAC of its own.
+        let forged_with = |k: &SlotKey| encode_shared(k, &d, &f, &victim, i64::MAX).unwrap();
+        let attacker = SlotKey::derive(b"the attacker guesses another secret", "test-build").unwrap();
+        assert!(decode_shared(&ours, &forged_with(&attacker), &d, &f, 0).is_none(), "another secret");
+        let older_build = SlotKey::derive(b"a shared-cache secret of 32 chars", "0.0.9+oldbuild").unwrap();
+        assert!(decode_shared(&ours, &forged_with(&older_build), &d, &f, 0).is_none(), "another build, same secret");
+        // The pre-MAC slot layout (dt1, no MAC) of an older dialtone.
+        let mut old = b"dt1\0".to_vec();
+        old.extend_from_slice(&d);
+        old.extend_from_slice(&f);
+        old.extend_from_slice(&i64::MAX.to_le_bytes());
+        old.extend_from_slice(&16u16.to_le_bytes());
+        old.extend_from_slice(b"did:privy:victims");
+        assert!(decode_shared(&ours, &old, &d, &f, 0).is_none(), "an unauthenticated slot");
+        assert!(decode_shared(&ours, &forged_with(&ours), &d, &f, 0).is_some(), "only the holder of the secret can write one");
+    }
+
+    #[test]
+    fn the_shared_secret_is_optional_but_not_weak() {
+        assert!(SlotKey::from_env(None).unwrap().is_none());
+        assert!(SlotKey::from_env(Some("")).unwrap().is_none(), "empty = unset: no sharing");
+        assert_eq!(SlotKey::from_env(Some("short")).unwrap_err(), SecretTooShort);
+        assert!(SlotKey::from_env(Some(&"x".repeat(MIN_SHARED_SECRET_LEN))).unwrap().is_some());
+        assert_eq!(format!("{:?}", key()), "SlotKey(…)", "the key is never printed");
     }
 }

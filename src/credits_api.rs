@@ -9,6 +9,44 @@ use crate::bearer::KEY_PREFIX_LEN;
 use crate::policy::{is_scope, RateLimit};
 use crate::privy_jwt::is_header_safe;
 
+/// The VM environment variable holding the key the filter proves itself
+/// with to the key/credits service (sent on every callout as
+/// [`SERVICE_KEY_HEADER`]); never in the plugin config, never logged.
+pub const SERVICE_KEY_ENV: &str = "DIAL_SERVICE_KEY";
+/// The callout header carrying it.
+pub const SERVICE_KEY_HEADER: &str = "x-dialtone-service-key";
+/// Shorter keys are refused at load.
+pub const MIN_SERVICE_KEY_LEN: usize = 32;
+
+/// Why the service key in the environment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceKeyError {
+    TooShort,
+    /// It goes into a header: visible ASCII only.
+    NotHeaderSafe,
+}
+
+impl std::fmt::Display for ServiceKeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceKeyError::TooShort => write!(f, "{SERVICE_KEY_ENV} must be at least {MIN_SERVICE_KEY_LEN} characters"),
+            ServiceKeyError::NotHeaderSafe => write!(f, "{SERVICE_KEY_ENV} must be visible ASCII (it is sent in a header)"),
+        }
+    }
+}
+
+/// The service key from the VM environment's value: none when unset or
+/// empty (callouts then carry no key, and a service that requires one
+/// refuses them: fail closed).
+pub fn service_key_from_env(value: Option<&str>) -> Result<Option<String>, ServiceKeyError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) if v.len() < MIN_SERVICE_KEY_LEN => Err(ServiceKeyError::TooShort),
+        Some(v) if !is_header_safe(v) => Err(ServiceKeyError::NotHeaderSafe),
+        Some(v) => Ok(Some(v.to_owned())),
+    }
+}
+
 /// What came back from a callout, as the host reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallOutcome {
@@ -454,5 +492,16 @@ mod tests {
             Ok(RateCheck::Limited { retry_after: 7 })
         );
         assert_eq!(parse_ratelimit(ok(200, r#"{"allowed":false}"#)), Err(ServiceError::Garbage));
+    }
+
+    #[test]
+    fn the_service_key_is_optional_but_not_weak() {
+        assert_eq!(service_key_from_env(None), Ok(None));
+        assert_eq!(service_key_from_env(Some("")), Ok(None));
+        assert_eq!(service_key_from_env(Some("short")), Err(ServiceKeyError::TooShort));
+        let ok = "k".repeat(MIN_SERVICE_KEY_LEN);
+        assert_eq!(service_key_from_env(Some(&ok)), Ok(Some(ok.clone())));
+        assert_eq!(service_key_from_env(Some(&format!("{ok}\r\nx-evil: 1"))), Err(ServiceKeyError::NotHeaderSafe));
+        assert!(!ServiceKeyError::TooShort.to_string().contains(&ok), "the message never carries a key");
     }
 }

@@ -6,7 +6,7 @@
 //! resumed with [`resume`].
 
 use crate::bearer::{self, Credential, KeyCredential};
-use crate::cache::{self, Caches, SharedStore};
+use crate::cache::{self, Caches, Sharing};
 use crate::credits_api::{
     self, CallOutcome, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest, RateCheck,
     RateLimitRequest, ReleaseRequest, ServiceError,
@@ -36,6 +36,13 @@ pub struct Request<'a> {
     pub has_x402_payment: bool,
     /// Keys fetched from the issuer's JWKS (besides the configured ones).
     pub fetched_keys: &'a [crate::privy_jwt::EsKey],
+    /// The verifier's fingerprint with `fetched_keys`, as the JWKS cache
+    /// computed it when they were fetched (computed here when absent).
+    pub fetched_fingerprint: Option<&'a cache::Digest32>,
+    /// A token naming an unknown `kid` should make the glue fetch the
+    /// issuer's JWKS first (a fetch may be sent now) instead of trying the
+    /// kid-less pinned keys.
+    pub refetch_unknown_kid: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,12 +97,13 @@ pub fn resume(cfg: &Config, pending: Pending, outcome: CallOutcome, now: i64) ->
 /// Privy token skips verification, a recently looked-up key skips the
 /// lookup. `now_ms` is the host clock in milliseconds.
 pub fn decide_cached(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches) -> Decision {
-    decide_shared(cfg, req, now_ms, caches, &cache::NoSharing)
+    decide_shared(cfg, req, now_ms, caches, None)
 }
 
 /// [`decide_cached`], with verified tokens also shared by the VMs of one
-/// Envoy through `shared` (proxy-wasm shared data in the filter).
-pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches, shared: &dyn SharedStore) -> Decision {
+/// Envoy through `shared` (proxy-wasm shared data in the filter, its slots
+/// authenticated with the shared secret's key).
+pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut Caches, shared: Option<Sharing<'_>>) -> Decision {
     let now = now_ms.div_euclid(1000);
     let Some((idx, route)) = cfg
         .routes
@@ -146,9 +154,14 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
                 return unauthorized(AuthFailure::PrivyNotConfigured);
             };
             let digest = cache::sha256(jwt.as_bytes());
-            let verified = match caches.verified_token(&digest, now) {
+            let verifier = match (req.fetched_keys, req.fetched_fingerprint) {
+                ([], _) => privy.fingerprint,
+                (_, Some(f)) => *f,
+                (fetched, None) => cache::keys_fingerprint(&privy.fingerprint, fetched),
+            };
+            let verified = match caches.verified_token(&digest, &verifier, now) {
                 Some(session) => Ok(session),
-                None => verify_sharing(privy, jwt, digest, now, req.fetched_keys, caches, shared),
+                None => verify_sharing(privy, jwt, digest, &verifier, now, req, caches, shared),
             };
             match verified {
                 Ok(session) => {
@@ -297,29 +310,41 @@ pub fn idempotency_key(route: &Route, request_id: &str) -> String {
 
 /// A token the local cache does not know: another VM of this Envoy may have
 /// verified it (its shared slot), else verify it here and share the result.
+#[allow(clippy::too_many_arguments)]
 fn verify_sharing(
     privy: &crate::policy::PrivyConfig,
     jwt: &str,
     digest: cache::Digest32,
+    verifier: &cache::Digest32,
     now: i64,
-    fetched: &[crate::privy_jwt::EsKey],
+    req: &Request<'_>,
     caches: &mut Caches,
-    shared: &dyn SharedStore,
+    shared: Option<Sharing<'_>>,
 ) -> Result<crate::privy_jwt::Session, crate::privy_jwt::JwtError> {
+    let unknown_kid = if req.refetch_unknown_kid {
+        crate::privy_jwt::UnknownKid::Refetch
+    } else {
+        crate::privy_jwt::UnknownKid::TryKidless
+    };
+    let verify = || privy.verifier.verify_full(jwt, now, req.fetched_keys, unknown_kid);
     if !caches.caches_tokens() {
-        return privy.verifier.verify_with(jwt, now, fetched);
+        return verify();
     }
-    let slot = cache::shared_slot(&digest);
-    let verifier = if fetched.is_empty() { privy.fingerprint } else { cache::keys_fingerprint(&privy.fingerprint, fetched) };
-    if let Some((session, expired_from)) = shared.get(&slot).and_then(|v| cache::decode_shared(&v, &digest, &verifier, now)) {
-        caches.token_from_shared(digest, &session, expired_from);
-        return Ok(session);
+    let shared = shared.map(|s| (s, cache::shared_slot(&digest)));
+    if let Some((sharing, slot)) = &shared {
+        let found = sharing.store.get(slot).and_then(|v| cache::decode_shared(sharing.key, &v, &digest, verifier, now));
+        if let Some((session, expired_from)) = found {
+            caches.token_from_shared(digest, verifier, &session, expired_from);
+            return Ok(session);
+        }
     }
     caches.verifying_token();
-    let session = privy.verifier.verify_with(jwt, now, fetched)?;
-    let expired_from = caches.token_verified(digest, &session, privy.verifier.leeway_secs);
-    if let Some(value) = cache::encode_shared(&digest, &verifier, &session, expired_from) {
-        shared.set(&slot, &value);
+    let session = verify()?;
+    let expired_from = caches.token_verified(digest, verifier, &session, privy.verifier.leeway_secs);
+    if let Some((sharing, slot)) = &shared {
+        if let Some(value) = cache::encode_shared(sharing.key, &digest, verifier, &session, expired_from) {
+            sharing.store.set(slot, &value);
+        }
     }
     Ok(session)
 }
@@ -508,6 +533,8 @@ mod tests {
             request_id: "req-1",
             has_x402_payment: false,
             fetched_keys: &[],
+            fetched_fingerprint: None,
+            refetch_unknown_kid: false,
         }
     }
 
@@ -850,10 +877,20 @@ mod tests {
         assert_eq!(second.path, "/v1/debit", "straight to the debit: the lookup came from the cache");
     }
 
-    /// proxy-wasm shared data, as the VMs of one Envoy see it.
-    #[derive(Default)]
-    struct Shared(std::cell::RefCell<std::collections::HashMap<String, Vec<u8>>>);
-    impl SharedStore for Shared {
+    /// proxy-wasm shared data, as the VMs of one Envoy see it, and the key
+    /// they all derived from the shared secret.
+    struct Shared(std::cell::RefCell<std::collections::HashMap<String, Vec<u8>>>, cache::SlotKey);
+    impl Default for Shared {
+        fn default() -> Self {
+            Shared(Default::default(), cache::SlotKey::derive(b"0123456789abcdef0123456789abcdef", crate::BUILD_ID).unwrap())
+        }
+    }
+    impl Shared {
+        fn sharing(&self) -> Option<Sharing<'_>> {
+            Some(Sharing { store: self, key: &self.1 })
+        }
+    }
+    impl cache::SharedStore for Shared {
         fn get(&self, key: &str) -> Option<Vec<u8>> {
             self.0.borrow().get(key).cloned()
         }
@@ -870,20 +907,20 @@ mod tests {
         let auth = format!("Bearer {}", privy_token(NOW + 100));
         let req = request("GET", "/account", Some(&auth));
         let now_ms = NOW * 1000;
-        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker1, &shared), Decision::Allow(_)));
+        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker1, shared.sharing()), Decision::Allow(_)));
         assert_eq!(worker1.take_stats().token_misses, 1, "verified on the first worker");
-        match decide_shared(&c, &req, now_ms, &mut worker2, &shared) {
+        match decide_shared(&c, &req, now_ms, &mut worker2, shared.sharing()) {
             Decision::Allow(g) => assert_eq!(g.identity.account.as_deref(), Some("did:privy:u1")),
             other => panic!("{other:?}"),
         }
         let s2 = worker2.take_stats();
         assert_eq!((s2.token_misses, s2.token_shared_hits, s2.token_hits), (0, 1, 0), "the second worker read the slot");
-        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker2, &shared), Decision::Allow(_)));
+        assert!(matches!(decide_shared(&c, &req, now_ms, &mut worker2, shared.sharing()), Decision::Allow(_)));
         assert_eq!(worker2.take_stats().token_hits, 1, "and keeps it locally");
         // Expiry still applies to an entry read from the slot.
         let mut worker3 = Caches::new(16, 0, 0);
         assert_eq!(
-            denial(decide_shared(&c, &req, (NOW + 200) * 1000, &mut worker3, &shared)),
+            denial(decide_shared(&c, &req, (NOW + 200) * 1000, &mut worker3, shared.sharing())),
             Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Expired))
         );
     }
@@ -894,7 +931,7 @@ mod tests {
         let shared = Shared::default();
         let auth = format!("Bearer {}", privy_token(NOW + 100));
         let req = request("GET", "/account", Some(&auth));
-        assert!(matches!(decide_shared(&c, &req, NOW * 1000, &mut Caches::new(16, 0, 0), &shared), Decision::Allow(_)));
+        assert!(matches!(decide_shared(&c, &req, NOW * 1000, &mut Caches::new(16, 0, 0), shared.sharing()), Decision::Allow(_)));
         // Another policy on the same VM id: another audience. The slot the
         // first one wrote must not let this token (aud app-1) through here.
         let pem = signing_key().verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
@@ -906,7 +943,7 @@ mod tests {
         let other = Config::from_json(other.to_string().as_bytes(), None).unwrap();
         let mut caches = Caches::new(16, 0, 0);
         assert_eq!(
-            denial(decide_shared(&other, &req, NOW * 1000, &mut caches, &shared)),
+            denial(decide_shared(&other, &req, NOW * 1000, &mut caches, shared.sharing())),
             Denial::Unauthorized(AuthFailure::Jwt(crate::privy_jwt::JwtError::Audience))
         );
         assert_eq!(caches.take_stats().token_shared_hits, 0);
@@ -914,7 +951,57 @@ mod tests {
         let slots_before = shared.0.borrow().len();
         let last = if auth.ends_with('A') { "B" } else { "A" };
         let forged = format!("{}{last}", &auth[..auth.len() - 1]);
-        let _ = decide_shared(&c, &request("GET", "/account", Some(&forged)), NOW * 1000, &mut Caches::new(16, 0, 0), &shared);
+        let _ = decide_shared(&c, &request("GET", "/account", Some(&forged)), NOW * 1000, &mut Caches::new(16, 0, 0), shared.sharing());
         assert_eq!(shared.0.borrow().len(), slots_before);
+    }
+
+    #[test]
+    fn a_forged_shared_slot_is_not_a_verified_token() {
+        // Everything but the MAC in a slot is public: the token's digest, the
+        // verifier's fingerprint (issuer, app id, leeway, public keys), an
+        // expiry, an account. Another module on the same vm_id writes one
+        // for a JWT-shaped string that was never signed.
+        let c = config();
+        let shared = Shared::default();
+        let token = "eyJhIn0.eyJhIn0.AA";
+        let digest = cache::sha256(token.as_bytes());
+        let verifier = c.privy.as_ref().unwrap().fingerprint;
+        let victim = crate::privy_jwt::Session { account: "did:privy:victim".into(), session_id: "s".into(), expires_at: 0 };
+        let forger = cache::SlotKey::derive(b"not the deployment's shared secret", crate::BUILD_ID).unwrap();
+        let forged = cache::encode_shared(&forger, &digest, &verifier, &victim, i64::MAX).unwrap();
+        cache::SharedStore::set(&shared, &cache::shared_slot(&digest), &forged);
+        let auth = format!("Bearer {token}");
+        let mut caches = Caches::new(16, 0, 0);
+        assert!(matches!(
+            denial(decide_shared(&c, &request("GET", "/account", Some(&auth)), NOW * 1000, &mut caches, shared.sharing())),
+            Denial::Unauthorized(AuthFailure::Jwt(_))
+        ));
+        assert_eq!(caches.take_stats().token_shared_hits, 0);
+        // Without sharing configured the slot is not even read.
+        assert!(matches!(
+            denial(decide_shared(&c, &request("GET", "/account", Some(&auth)), NOW * 1000, &mut caches, None)),
+            Denial::Unauthorized(AuthFailure::Jwt(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_cached_under_fetched_keys_is_verified_again_when_they_change() {
+        let c = config();
+        let auth = format!("Bearer {}", privy_token(NOW + 100));
+        let mut caches = Caches::new(16, 0, 0);
+        let (f1, f2) = ([1u8; 32], [2u8; 32]);
+        let other = crate::privy_jwt::EsKey::new(Some("other".into()), *SigningKey::from_slice(&[5; 32]).unwrap().verifying_key());
+        let fetched = [other];
+        let mut req = request("GET", "/account", Some(&auth));
+        req.fetched_keys = &fetched;
+        req.fetched_fingerprint = Some(&f1);
+        assert!(matches!(decide_cached(&c, &req, NOW * 1000, &mut caches), Decision::Allow(_)));
+        assert_eq!(caches.take_stats().token_misses, 1);
+        assert!(matches!(decide_cached(&c, &req, NOW * 1000, &mut caches), Decision::Allow(_)));
+        assert_eq!(caches.take_stats().token_hits, 1, "same key set: served from the cache");
+        req.fetched_fingerprint = Some(&f2);
+        assert!(matches!(decide_cached(&c, &req, NOW * 1000, &mut caches), Decision::Allow(_)));
+        let s = caches.take_stats();
+        assert_eq!((s.token_hits, s.token_misses), (0, 1), "another key set: verified again");
     }
 }

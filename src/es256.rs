@@ -126,6 +126,8 @@ impl Jacobian {
         let r = s2 - self.y;
         if bool::from(h.is_zero()) {
             // Same x: self == q (double it) or self == −q.
+            #[cfg(test)]
+            tests::count_exceptional(bool::from(r.is_zero()));
             return if bool::from(r.is_zero()) { self.double() } else { Jacobian::IDENTITY };
         }
         let hh = h.square();
@@ -712,6 +714,9 @@ mod tests {
         // Choose (digest, r, s) so that u1·G + u2·Q is the identity or 2·u1·G,
         // the cases where an incomplete addition law would go wrong. With
         // Q = d·G: u1 + u2·d ≡ 0 gives the identity (never valid: r ≠ 0).
+        // Only the final sums are special here: the accumulator never meets
+        // the point being added on the way (no doubling inside verification;
+        // crafted_keys_hit_doubling_and_cancellation_mid_accumulation does).
         let mut rng = Stream(4);
         for _ in 0..8 {
             let d = rng.scalar();
@@ -744,6 +749,128 @@ mod tests {
                     assert!(want2, "the crafted doubling signature is valid");
                 }
             }
+        }
+    }
+
+    thread_local! {
+        /// Exceptional mixed additions on this thread: (doublings, cancellations).
+        static EXCEPTIONAL: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+    }
+
+    /// Called by `Jacobian::add_affine` (test builds only) when the point
+    /// added has the accumulator's x: equal (doubling) or opposite.
+    pub(super) fn count_exceptional(doubling: bool) {
+        EXCEPTIONAL.with(|c| {
+            let (d, x) = c.get();
+            c.set(if doubling { (d + 1, x) } else { (d, x + 1) });
+        });
+    }
+
+    /// The exceptional additions `f` makes (tables built before it are not counted).
+    fn exceptional_in<T>(f: impl FnOnce() -> T) -> (T, (u32, u32)) {
+        EXCEPTIONAL.with(|c| c.set((0, 0)));
+        let out = f();
+        (out, EXCEPTIONAL.with(|c| c.get()))
+    }
+
+    /// `k` in the signed digits `FixedBaseTable::mul_add` adds for window
+    /// `w`, as the scalars `d_i·2^(w·i)` (recoded here from the bytes, not
+    /// with the module's helpers).
+    fn digit_terms(k: &Scalar, w: u32) -> Vec<Scalar> {
+        let bytes = k.to_bytes();
+        let bit = |i: u32| i < 256 && (bytes[31 - (i / 8) as usize] >> (i % 8)) & 1 == 1;
+        let (full, half) = (1i64 << w, 1i64 << (w - 1));
+        let two_w = (0..w).fold(Scalar::ONE, |a, _| a.double());
+        let (mut carry, mut weight, mut out) = (0i64, Scalar::ONE, Vec::new());
+        for i in 0..257u32.div_ceil(w) {
+            let v = (0..w).filter(|b| bit(i * w + b)).map(|b| 1i64 << b).sum::<i64>() + carry;
+            let d = if v > half { v - full } else { v };
+            carry = i64::from(v > half);
+            let term = Scalar::from(d.unsigned_abs()) * weight;
+            out.push(if d < 0 { -term } else { term });
+            weight *= two_w;
+        }
+        assert_eq!(out.iter().fold(Scalar::ZERO, |a, t| a + t), *k, "recoding");
+        out
+    }
+
+    #[test]
+    fn crafted_keys_hit_doubling_and_cancellation_mid_accumulation() {
+        // Verification adds u1's digit points (G's table), then u2's (Q's
+        // table), onto one accumulator. With Q = k·G chosen, the
+        // accumulator before key window j is (u1 + below·k)·G, below = the
+        // sum of u2's terms under j; the point added there is t_j·k·G. So
+        // u1 = (±t_j − below)·k makes them equal (doubling) or opposite
+        // (cancellation to infinity, then the next addition restarts from
+        // the table point). j = the first non-zero window meets u1·G
+        // itself; later ones meet a partial sum of both tables.
+        let mut rng = Stream(10);
+        let mut counted = Vec::new();
+        for case in 0..24 {
+            let cancel = case % 2 == 1;
+            let u2 = rng.scalar();
+            let k = rng.scalar();
+            let terms = digit_terms(&u2, KEY_WINDOW);
+            let wanted = [0, 1, 9, 18, 27, terms.len() - 2][(case / 2) % 6];
+            let Some(j) = (wanted..terms.len()).find(|&i| !bool::from(terms[i].is_zero())) else { continue };
+            let below = terms[..j].iter().fold(Scalar::ZERO, |a, t| a + t);
+            let target = if cancel { -terms[j] } else { terms[j] };
+            let u1 = (target - below) * k;
+            assert!(!bool::from(u1.is_zero()));
+            let vk = VerifyingKey::from_affine(ProjectivePoint::mul_by_generator(&k).to_affine()).unwrap();
+            let pk = PreparedKey::new(&vk).unwrap();
+
+            // A valid signature with these u1, u2: R = (u1 + u2·k)·G,
+            // r = x(R) mod n, s = r/u2, z = u1·s. (A cancellation at u2's
+            // last non-zero window leaves R = ∞: then no r is valid.)
+            let sum = u1 + u2 * k;
+            let valid = !bool::from(sum.is_zero());
+            let r = if valid {
+                <Scalar as Reduce<U256>>::reduce_bytes(&ProjectivePoint::mul_by_generator(&sum).to_affine().x())
+            } else {
+                rng.scalar()
+            };
+            let s = r * u2.invert().unwrap();
+            let sig = Signature::from_scalars(r, s).unwrap();
+            let digest: FieldBytes = (u1 * s).to_repr();
+            assert_eq!(vk.verify_prehash(&digest, &sig).is_ok(), valid, "case {case}: built valid");
+            let (ok, (doublings, cancellations)) = exceptional_in(|| pk.verify_prehashed(&digest, &sig));
+            assert_eq!(ok, valid, "case {case} (window {j}, cancel {cancel}): es256 differs from p256");
+            counted.push((j, cancel, valid));
+            if cancel {
+                assert!(cancellations >= 1, "case {case}: no cancellation at window {j}");
+            } else {
+                assert!(doublings >= 1, "case {case}: no doubling at window {j}");
+            }
+
+            // The same collision over a message: u1 = z/s is then fixed, so
+            // the key is u1/(±t_j − below) and r = u2·s. The accumulator
+            // meets the point all the same; the signature is not valid.
+            let msg = rng.bytes32();
+            let z = <Scalar as Reduce<U256>>::reduce_bytes(&Sha256::digest(msg));
+            let s = rng.scalar();
+            let u1 = z * s.invert().unwrap();
+            let key_scalar = u1 * (target - below).invert().unwrap();
+            let vk = VerifyingKey::from_affine(ProjectivePoint::mul_by_generator(&key_scalar).to_affine()).unwrap();
+            let pk = PreparedKey::new(&vk).unwrap();
+            let sig = Signature::from_scalars(u2 * s, s).unwrap();
+            let (ok, (doublings, cancellations)) = exceptional_in(|| pk.verify(&msg, &sig));
+            assert_eq!(ok, reference(&vk, &msg, &sig), "case {case}");
+            assert!(!ok);
+            assert!(if cancel { cancellations >= 1 } else { doublings >= 1 }, "case {case}: message form missed window {j}");
+        }
+
+        // Windows 0 (u1·G itself), 1, 9, 18, 27 and 35 or 36, both ways.
+        assert_eq!(counted.len(), 24);
+        assert!(counted.iter().any(|&(j, c, _)| j > 9 && !c) && counted.iter().any(|&(j, c, _)| j > 9 && c));
+        assert!(counted.iter().filter(|(_, _, valid)| *valid).count() >= 20, "{counted:?}");
+
+        // Ordinary verifications never meet an exceptional case.
+        let sk = SigningKey::from_bytes(&rng.scalar().to_repr()).unwrap();
+        let pk = PreparedKey::new(sk.verifying_key()).unwrap();
+        for i in 0..8u8 {
+            let sig: Signature = sk.sign(&[i]);
+            assert_eq!(exceptional_in(|| pk.verify(&[i], &sig)), (true, (0, 0)));
         }
     }
 

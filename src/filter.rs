@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::cache::Caches;
+use crate::cache::{Caches, SlotKey};
 use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::decision::{self, Decision, Pending, Request, ServiceCall};
 use crate::denial::Denial;
@@ -36,6 +36,8 @@ proxy_wasm::main! {{
             jwks: Rc::new(RefCell::new(JwksCache::default())),
             jwks_token: None,
             caches: Rc::new(RefCell::new(Caches::disabled())),
+            slot_key: None,
+            service_key: None,
         })
     });
 }}
@@ -47,6 +49,12 @@ struct Root {
     jwks_token: Option<u32>,
     /// This VM's verified-token and key-lookup caches, shared with its requests.
     caches: Rc<RefCell<Caches>>,
+    /// The key of shared verified-token slots (from the VM environment's
+    /// secret); None: tokens are cached per VM only.
+    slot_key: Option<Rc<SlotKey>>,
+    /// The key proving to the key/credits service that a callout is ours
+    /// (from the VM environment; never logged).
+    service_key: Option<Rc<str>>,
 }
 
 impl Root {
@@ -54,12 +62,22 @@ impl Root {
         unix_secs(self.get_current_time())
     }
 
-    /// Fetches the issuer's JWKS if a scheduled fetch is due.
+    /// Fetches the issuer's JWKS if a scheduled fetch is due, and drops
+    /// fetched keys that are too old to trust.
     fn refresh_keys(&mut self) {
         let Some(fetch) = self.config.as_ref().and_then(|c| c.privy.as_ref()).and_then(|p| p.jwks_fetch.clone()) else {
             return;
         };
         let now = self.now();
+        let dropped = self.jwks.borrow_mut().drop_stale(&fetch, now);
+        if dropped > 0 {
+            self.caches.borrow_mut().keys_changed();
+            self.metrics.add(metrics::JWKS_EXPIRED, u32::try_from(dropped).unwrap_or(u32::MAX));
+            log::warn!(
+                "dropped {dropped} fetched JWKS key(s): no good fetch for {} s (jwks_fetch.max_stale_seconds); only pinned keys verify now",
+                fetch.max_stale_seconds
+            );
+        }
         if !self.jwks.borrow().due(&fetch, now) {
             return;
         }
@@ -97,14 +115,19 @@ fn read_outcome(ctx: &dyn Context, num_headers: usize, body_size: usize, cap: us
     }
 }
 
-/// Logs a JWKS fetch's result; new keys make every cached token be verified
-/// again (a key that is gone must stop vouching for them).
-fn jwks_fetched(result: Result<usize, JwksError>, caches: &RefCell<Caches>, metrics: &Metrics) {
+/// Logs a JWKS fetch's result. A changed key set makes every cached token
+/// be verified again (entries are bound to the key set; this frees them);
+/// the same keys again change nothing.
+fn jwks_fetched(result: Result<crate::jwks::Accepted, JwksError>, caches: &RefCell<Caches>, metrics: &Metrics) {
     match result {
-        Ok(n) => {
-            caches.borrow_mut().keys_changed();
+        Ok(accepted) => {
+            if accepted.changed {
+                caches.borrow_mut().keys_changed();
+                log::info!("JWKS fetched: {} ES256 key(s), changed", accepted.keys)
+            } else {
+                log::debug!("JWKS fetched: {} ES256 key(s), unchanged", accepted.keys)
+            }
             metrics.count(metrics::JWKS_FETCHED);
-            log::info!("JWKS fetched: {n} ES256 key(s)")
         }
         Err(e) => {
             metrics.count(metrics::JWKS_FAILED);
@@ -179,9 +202,12 @@ impl Context for Root {
         let Some(fetch) = self.config.as_ref().and_then(|c| c.privy.as_ref()).and_then(|p| p.jwks_fetch.clone()) else {
             return;
         };
+        let Some(base) = self.config.as_ref().and_then(|c| c.privy.as_ref()).map(|p| p.fingerprint) else {
+            return;
+        };
         let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
         let now = self.now();
-        let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
+        let result = self.jwks.borrow_mut().accept(outcome, &fetch, &base, now);
         jwks_fetched(result, &self.caches, &self.metrics);
     }
 }
@@ -198,19 +224,51 @@ impl RootContext for Root {
             return false;
         };
         let env_key = std::env::var(ADMIN_KEY_ENV).ok();
+        let slot_key = match SlotKey::from_env(std::env::var(crate::cache::SHARED_SECRET_ENV).ok().as_deref()) {
+            Ok(key) => key,
+            Err(e) => {
+                log::error!("invalid plugin configuration: env {e}");
+                return false;
+            }
+        };
+        let service_key = match credits_api::service_key_from_env(std::env::var(credits_api::SERVICE_KEY_ENV).ok().as_deref()) {
+            Ok(key) => key,
+            Err(e) => {
+                log::error!("invalid plugin configuration: env {e}");
+                return false;
+            }
+        };
+        if service_key.is_none() {
+            log::warn!(
+                "{} is not set: callouts to the key/credits service carry no service key (a service that requires one refuses them, and paid requests get 503)",
+                credits_api::SERVICE_KEY_ENV
+            );
+        }
         match Config::from_json(&bytes, env_key.as_deref()) {
             Ok(cfg) => {
                 log::info!(
-                    "configured {} routes, privy={}, admin_keys={}, credits cluster {:?}",
+                    "dialtone {} configured {} routes, privy={}, admin_keys={}, credits cluster {:?}, shared token cache={}",
+                    crate::BUILD_ID,
                     cfg.routes.len(),
                     cfg.privy.is_some(),
                     cfg.admin_digests.len(),
-                    cfg.service.cluster
+                    cfg.service.cluster,
+                    if slot_key.is_some() { "on" } else { "off (no DIAL_SHARED_CACHE_SECRET)" }
                 );
                 let fetches = cfg.privy.as_ref().is_some_and(|p| p.jwks_fetch.is_some());
                 let token_entries = cfg.privy.as_ref().map_or(0, |p| p.token_cache_entries);
-                *self.caches.borrow_mut() =
-                    Caches::new(token_entries, cfg.service.key_cache_entries, cfg.service.key_cache_ttl_ms);
+                // A new policy starts with nothing of the old one: no fetched
+                // keys, no fetch in flight, no cached token or lookup. Requests
+                // still in flight keep the state they started with.
+                self.caches = Rc::new(RefCell::new(Caches::new(
+                    token_entries,
+                    cfg.service.key_cache_entries,
+                    cfg.service.key_cache_ttl_ms,
+                )));
+                self.jwks = Rc::new(RefCell::new(JwksCache::default()));
+                self.jwks_token = None;
+                self.slot_key = slot_key.map(Rc::new);
+                self.service_key = service_key.map(Rc::from);
                 self.config = Some(Rc::new(cfg));
                 if fetches {
                     self.set_tick_period(Duration::from_secs(1));
@@ -240,6 +298,8 @@ impl RootContext for Root {
             jwks: self.jwks.clone(),
             jwks_token: None,
             caches: self.caches.clone(),
+            slot_key: self.slot_key.clone(),
+            service_key: self.service_key.clone(),
             pending: None,
             call_token: None,
             request_id: String::new(),
@@ -266,6 +326,8 @@ struct Gate {
     /// A JWKS fetch this request waits for (its token named an unknown kid).
     jwks_token: Option<u32>,
     caches: Rc<RefCell<Caches>>,
+    slot_key: Option<Rc<SlotKey>>,
+    service_key: Option<Rc<str>>,
     pending: Option<Pending>,
     call_token: Option<u32>,
     /// `x-request-id` (or our stand-in): the debit idempotency key derives
@@ -303,7 +365,9 @@ impl Gate {
     fn apply(&mut self, cfg: &Config, decision: Decision) -> Action {
         match decision {
             Decision::Allow(grant) => {
-                if !cfg.forward_authorization && grant.identity.method != identity::AuthMethod::Anonymous {
+                // On every allowed path (public and unmatched routes too): a
+                // credential reaches the upstream only if the policy says so.
+                if !cfg.forward_authorization {
                     self.set_http_request_header("authorization", None);
                 }
                 // Added, not replaced: every client-sent x-dialtone-* header
@@ -363,6 +427,9 @@ impl Gate {
         let (method, path) = (header_str(headers, ":method"), header_str(headers, ":path"));
         let (scheme, authority) = (header_str(headers, ":scheme"), header_str(headers, ":authority"));
         let jwks = self.jwks.borrow();
+        let now = self.now();
+        let fetch = cfg.privy.as_ref().and_then(|p| p.jwks_fetch.as_ref());
+        let (fetched_keys, fetched_fingerprint) = jwks.usable(fetch, now);
         let req = Request {
             method: &method,
             path: &path,
@@ -372,10 +439,13 @@ impl Gate {
             cookies: values("cookie"),
             request_id: &self.request_id,
             has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
-            fetched_keys: &jwks.keys,
+            fetched_keys,
+            fetched_fingerprint,
+            refetch_unknown_kid: fetch.is_some_and(|f| jwks.may_fetch_for_unknown_kid(f, now)),
         };
         let now_ms = unix_millis(self.get_current_time());
-        let decision = decision::decide_shared(cfg, &req, now_ms, &mut self.caches.borrow_mut(), &HostShared);
+        let sharing = self.slot_key.as_deref().map(|key| crate::cache::Sharing { store: &HostShared, key });
+        let decision = decision::decide_shared(cfg, &req, now_ms, &mut self.caches.borrow_mut(), sharing);
         self.count_cache_use();
         decision
     }
@@ -413,6 +483,10 @@ impl Gate {
                     Err(status) => {
                         self.jwks.borrow_mut().not_sent(now, true);
                         log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster);
+                        // The cooldown has started: decide again, now trying
+                        // the kid-less pinned keys as well.
+                        let decision = self.decide(cfg);
+                        return self.apply(cfg, decision);
                     }
                 }
             }
@@ -423,13 +497,16 @@ impl Gate {
     /// Sends one callout to the key/credits service.
     fn dispatch(&mut self, cfg: &Config, call: &ServiceCall) -> Result<u32, proxy_wasm::types::Status> {
         self.dispatched_at = self.get_current_time();
-        let headers = vec![
+        let mut headers = vec![
             (":method", "POST"),
             (":path", call.path.as_str()),
             (":authority", cfg.service.authority.as_str()),
             ("content-type", "application/json"),
             ("x-request-id", self.request_id.as_str()),
         ];
+        if let Some(key) = &self.service_key {
+            headers.push((credits_api::SERVICE_KEY_HEADER, key));
+        }
         self.dispatch_http_call(
             &cfg.service.cluster,
             headers,
@@ -532,7 +609,16 @@ impl Gate {
     fn read_call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
         // A failed callout arrives with no headers (Envoy) or as a local
         // 503/504 from Envoy itself: both are "service unavailable".
-        read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes)
+        let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);
+        if let CallOutcome::Answered { status: 401, .. } = outcome {
+            // Fail closed (503) like any status the contract does not
+            // define here; say what an operator must fix.
+            log::error!(
+                "the key/credits service refused this filter's service key ({}): check the rotation of both sides",
+                credits_api::SERVICE_KEY_ENV
+            );
+        }
+        outcome
     }
 }
 
@@ -541,11 +627,13 @@ impl Context for Gate {
         let Some(cfg) = self.config.clone() else { return };
         if self.jwks_token == Some(token_id) {
             self.jwks_token = None;
-            if let Some(fetch) = cfg.privy.as_ref().and_then(|p| p.jwks_fetch.as_ref()) {
-                let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
-                let now = self.now();
-                let result = self.jwks.borrow_mut().accept(outcome, fetch.max_bytes, now);
-                jwks_fetched(result, &self.caches, &self.metrics);
+            if let Some(privy) = cfg.privy.as_ref() {
+                if let Some(fetch) = privy.jwks_fetch.as_ref() {
+                    let outcome = read_outcome(self, num_headers, body_size, fetch.max_bytes);
+                    let now = self.now();
+                    let result = self.jwks.borrow_mut().accept(outcome, fetch, &privy.fingerprint, now);
+                    jwks_fetched(result, &self.caches, &self.metrics);
+                }
             }
             // Decide again with whatever keys we now have (no second fetch:
             // the cooldown has just started).

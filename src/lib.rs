@@ -23,3 +23,7 @@ pub mod privy_jwt;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
+
+/// This build: the crate version and a digest of its sources (`build.rs`).
+/// Shared verified-token slots are bound to it.
+pub const BUILD_ID: &str = env!("DIALTONE_BUILD_ID");

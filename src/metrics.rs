@@ -69,6 +69,9 @@ pub const CACHE_KEY_MISS: &str = "dialtone.cache.key.miss";
 /// (no answer, a status other than 200, too large, not JSON, no usable key).
 pub const JWKS_FETCHED: &str = "dialtone.jwks.fetched";
 pub const JWKS_FAILED: &str = "dialtone.jwks.failed";
+/// Fetched keys dropped because no fetch succeeded for `max_stale_seconds`
+/// (counted per key).
+pub const JWKS_EXPIRED: &str = "dialtone.jwks.expired";
 
 /// Histogram: milliseconds from dispatch to answer, per callout.
 pub const CALLOUT_LATENCY_MS: &str = "dialtone.callout.latency_ms";
@@ -97,6 +100,7 @@ pub const COUNTERS: &[&str] = &[
     CACHE_KEY_MISS,
     JWKS_FETCHED,
     JWKS_FAILED,
+    JWKS_EXPIRED,
 ];
 
 /// Every counter: the named ones and the reasons.

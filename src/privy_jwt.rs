@@ -4,14 +4,28 @@
 //! must say exactly `ES256` and is never used to pick an algorithm. Parsing is
 //! strict on purpose (RFC 7515 base64url without padding or stray bits, no
 //! duplicate JSON members, no `crit`): each laxity is a known forgery vector,
-//! see `../shared/testdata/JWT_ATTACKS.md`.
+//! see `tests/vectors/README.md` and `docs/security-tests.md`.
+//!
+//! The token and claims layer is `jwt-compact`'s ([`UntrustedToken`],
+//! [`Claims`], [`TimeOptions`] with the policy's leeway and the host's clock);
+//! the signature is checked by [`Es256Tables`], a `jwt_compact::Algorithm`
+//! over our table-based ES256 ([`crate::es256`]). Everything stricter than
+//! jwt-compact is checked first, by [`precheck`]: exact structure, strict
+//! base64url in every segment, a protected header with no duplicate or
+//! `null` members, `alg` exactly `ES256`, no `crit`, `typ` absent or `JWT`;
+//! and after it: `exp` exclusive (RFC 7519 §4.1.4: valid *before* it),
+//! `iat` not in the future, `iss`, `aud`, `sub`, `sid`.
+
+use std::borrow::Cow;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use jwt_compact::{Algorithm, AlgorithmSignature, Claims, TimeOptions, UntrustedToken, ValidationError};
 use p256::ecdsa::{Signature, VerifyingKey};
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::Arc;
 
 use crate::es256::PreparedKey;
 
@@ -19,6 +33,16 @@ use crate::es256::PreparedKey;
 const MAX_KID_LEN: usize = 256;
 /// Upper bound on an account id that we will put in an upstream header.
 const MAX_SUB_LEN: usize = 256;
+/// The most ES256 keys a verifier holds by default (pinned JWKS, and each
+/// fetched JWKS on its own): each costs a 151,552-byte table per VM.
+pub const DEFAULT_MAX_KEYS: usize = 16;
+/// The bound on `privy.max_keys`.
+pub const MAX_KEYS_LIMIT: usize = 64;
+/// A token that names no `kid` is tried against at most this many keys
+/// (kid-less keys first, then the others, in configuration then document
+/// order), and a token whose `kid` no key has, against at most this many
+/// kid-less keys: one garbage token never costs N verifications.
+pub const MAX_KEYS_TRIED: usize = 3;
 
 /// One ES256 verification key, optionally named by `kid` (keys from a JWKS
 /// carry one; a pinned PEM key does not). Built with [`EsKey::new`], which
@@ -56,6 +80,8 @@ pub enum KeyError {
     Jwks(&'static str),
     DuplicateKid(String),
     NoUsableKey,
+    /// More usable ES256 keys than the policy's `max_keys`.
+    TooManyKeys { max: usize },
 }
 
 impl std::fmt::Display for KeyError {
@@ -65,6 +91,9 @@ impl std::fmt::Display for KeyError {
             KeyError::Jwks(why) => write!(f, "invalid JWKS: {why}"),
             KeyError::DuplicateKid(kid) => write!(f, "JWKS names kid {kid:?} twice"),
             KeyError::NoUsableKey => write!(f, "no ES256 (EC P-256, use=sig) key in the JWKS"),
+            KeyError::TooManyKeys { max } => {
+                write!(f, "JWKS has more than {max} ES256 keys (privy.max_keys; each costs a 152 KB table per VM)")
+            }
         }
     }
 }
@@ -78,19 +107,25 @@ pub fn key_from_pem(pem: &str) -> Result<EsKey, KeyError> {
 
 /// Parses a JWKS document (`{"keys":[…]}`), keeping the EC P-256 signing keys
 /// and skipping keys of other types (an issuer may publish RSA keys too).
-pub fn keys_from_jwks(jwks: &Value) -> Result<Vec<EsKey>, KeyError> {
-    keys_from_jwks_reusing(jwks, &[])
+/// At most `max_keys` ES256 keys: a bigger set is refused, not truncated.
+pub fn keys_from_jwks(jwks: &Value, max_keys: usize) -> Result<Vec<EsKey>, KeyError> {
+    keys_from_jwks_reusing(jwks, &[], max_keys)
 }
 
 /// The same, taking the precomputed table of any key already in `previous`
 /// instead of building it again: a periodic re-fetch of an unchanged JWKS
 /// then costs no table builds (a few ms of wasm and 152 KB per key otherwise).
-pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey]) -> Result<Vec<EsKey>, KeyError> {
+/// One point published twice (under two kids) shares one table; the same
+/// kid-less key twice is kept once; a kid named twice is refused.
+///
+/// Every entry is checked (and the count capped) before any table is built,
+/// so a hostile document costs parsing, not table builds.
+pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey], max_keys: usize) -> Result<Vec<EsKey>, KeyError> {
     let keys = jwks
         .get("keys")
         .and_then(Value::as_array)
         .ok_or(KeyError::Jwks("expected an object with a \"keys\" array"))?;
-    let mut out: Vec<EsKey> = Vec::new();
+    let mut found: Vec<(Option<String>, VerifyingKey)> = Vec::new();
     for jwk in keys {
         let obj = jwk.as_object().ok_or(KeyError::Jwks("every key must be an object"))?;
         if obj.contains_key("d") {
@@ -125,19 +160,33 @@ pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey]) -> Result<Vec<Es
             Some(Value::String(k)) if k.len() <= MAX_KID_LEN => Some(k.clone()),
             Some(_) => return Err(KeyError::Jwks("kid must be a string of at most 256 bytes")),
         };
-        if let Some(k) = &kid {
-            if out.iter().any(|e| e.kid.as_deref() == Some(k)) {
+        match &kid {
+            // A kid names one key: named twice is refused, even the same key.
+            Some(k) if found.iter().any(|(other, _)| other.as_deref() == Some(k)) => {
                 return Err(KeyError::DuplicateKid(k.clone()));
             }
+            // The same kid-less key twice is one key.
+            None if found.iter().any(|(other, v)| other.is_none() && *v == key) => continue,
+            _ => {}
         }
-        let reused = previous.iter().find_map(|p| p.prepared.as_ref().filter(|t| t.key() == &key));
+        if found.len() == max_keys {
+            return Err(KeyError::TooManyKeys { max: max_keys });
+        }
+        found.push((kid, key));
+    }
+    if found.is_empty() {
+        return Err(KeyError::NoUsableKey);
+    }
+    let mut out: Vec<EsKey> = Vec::with_capacity(found.len());
+    for (kid, key) in found {
+        let reused = previous
+            .iter()
+            .chain(out.iter())
+            .find_map(|p| p.prepared.as_ref().filter(|t| t.key() == &key).map(Arc::clone));
         out.push(match reused {
-            Some(table) => EsKey { kid, key, prepared: Some(Arc::clone(table)) },
+            Some(table) => EsKey { kid, key, prepared: Some(table) },
             None => EsKey::new(kid, key),
         });
-    }
-    if out.is_empty() {
-        return Err(KeyError::NoUsableKey);
     }
     Ok(out)
 }
@@ -216,6 +265,18 @@ pub struct PrivyVerifier {
     pub leeway_secs: i64,
 }
 
+/// What to do with a token whose `kid` no key has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKid {
+    /// Try the kid-less keys (a pinned PEM): nothing better will come.
+    TryKidless,
+    /// Say [`JwtError::UnknownKid`] so the caller fetches the issuer's JWKS
+    /// first (a pinned kid-less key would otherwise match every kid, and a
+    /// rotation would never be fetched); it verifies again with
+    /// [`UnknownKid::TryKidless`] once the fetch answered or may not be sent.
+    Refetch,
+}
+
 // serde's derive refuses a member that appears twice in the JSON, which is
 // exactly what we want for every field listed here (duplicate-key attacks).
 // Every member goes through `present`, so `"crit": null` is a crit that is
@@ -238,8 +299,10 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
     Value::deserialize(d).map(Some)
 }
 
+/// Privy's own claims, beside jwt-compact's `exp`/`nbf`/`iat` (flattened
+/// into [`Claims`]: a member named twice is still refused by the derive).
 #[derive(Deserialize)]
-struct Claims {
+struct PrivyClaims {
     #[serde(default, deserialize_with = "present")]
     iss: Option<Value>,
     #[serde(default, deserialize_with = "present")]
@@ -247,13 +310,91 @@ struct Claims {
     #[serde(default, deserialize_with = "present")]
     aud: Option<Value>,
     #[serde(default, deserialize_with = "present")]
-    exp: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    nbf: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    iat: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
     sid: Option<Value>,
+}
+
+/// ES256 as a `jwt_compact::Algorithm`: verification only (tokens are
+/// Privy's to sign), with the key's precomputed table ([`EsKey::verify`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Es256Tables;
+
+/// No signing key exists for [`Es256Tables`]: the filter only verifies.
+#[derive(Debug)]
+pub enum NoSigningKey {}
+
+/// A raw `r‖s` ES256 signature with `0 < r, s < n`.
+#[derive(Debug, Clone)]
+pub struct Es256Signature(pub Signature);
+
+impl AlgorithmSignature for Es256Signature {
+    const LENGTH: Option<NonZeroUsize> = NonZeroUsize::new(64);
+
+    fn try_from_slice(slice: &[u8]) -> anyhow::Result<Self> {
+        es256_signature(slice).map(Es256Signature).ok_or_else(|| anyhow::Error::msg("not an in-range P-256 r||s"))
+    }
+
+    fn as_bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.0.to_bytes().to_vec())
+    }
+}
+
+impl Algorithm for Es256Tables {
+    type SigningKey = NoSigningKey;
+    type VerifyingKey = EsKey;
+    type Signature = Es256Signature;
+
+    fn name(&self) -> Cow<'static, str> {
+        Cow::Borrowed("ES256")
+    }
+
+    fn sign(&self, signing_key: &NoSigningKey, _message: &[u8]) -> Es256Signature {
+        match *signing_key {}
+    }
+
+    fn verify_signature(&self, signature: &Es256Signature, key: &EsKey, message: &[u8]) -> bool {
+        key.verify(message, &signature.0)
+    }
+}
+
+/// The checks stricter than jwt-compact's, before it sees the token: three
+/// non-empty segments; strict unpadded base64url in all of them (no `=`, no
+/// `+`/`/`, no stray trailing bits); a header that is one JSON object with
+/// no duplicate member, `alg` exactly `"ES256"`, no `crit` (even `null`),
+/// `typ` absent or `JWT`, `kid` absent or a short string; a 64-byte `r‖s`
+/// with `0 < r, s < n`.
+fn precheck(token: &str) -> Result<(), JwtError> {
+    let mut parts = token.split('.');
+    let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(JwtError::Structure);
+    };
+    if h64.is_empty() || p64.is_empty() || s64.is_empty() {
+        return Err(JwtError::Structure);
+    }
+    let header: Header = json_object(&b64(h64)?).ok_or(JwtError::Header)?;
+    if header.alg != Some(Value::String("ES256".into())) {
+        return Err(JwtError::Algorithm);
+    }
+    if header.crit.is_some() {
+        return Err(JwtError::Crit);
+    }
+    match &header.typ {
+        None => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("JWT") => {}
+        Some(_) => return Err(JwtError::Type),
+    }
+    // jwt-compact reads the kid again (the same member of the same JSON).
+    match &header.kid {
+        None => {}
+        Some(Value::String(k)) if k.len() <= MAX_KID_LEN => {}
+        Some(_) => return Err(JwtError::Header),
+    }
+    // Exactly 64 bytes of big-endian r‖s (IEEE P1363), 0 < r, s < n:
+    // refuses DER, other lengths and out-of-range scalars.
+    es256_signature(&b64(s64)?).ok_or(JwtError::Signature)?;
+    // The claims are read after the signature verified: only their
+    // encoding is checked here.
+    b64(p64)?;
+    Ok(())
 }
 
 impl PrivyVerifier {
@@ -263,74 +404,80 @@ impl PrivyVerifier {
     }
 
     /// The same, with keys fetched from the issuer's JWKS alongside the
-    /// configured ones.
+    /// configured ones (no refetch wanted for an unknown `kid`).
     pub fn verify_with(&self, token: &str, now: i64, fetched: &[EsKey]) -> Result<Session, JwtError> {
-        let mut parts = token.split('.');
-        let (Some(h64), Some(p64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(JwtError::Structure);
-        };
-        if h64.is_empty() || p64.is_empty() || s64.is_empty() {
-            return Err(JwtError::Structure);
-        }
-        let header_bytes = b64(h64)?;
-        let header: Header = json_object(&header_bytes).ok_or(JwtError::Header)?;
-        if header.alg != Some(Value::String("ES256".into())) {
+        self.verify_full(token, now, fetched, UnknownKid::TryKidless)
+    }
+
+    /// Verifies `token` at `now` with the configured and the `fetched` keys.
+    ///
+    /// The signature is checked first, with [`Es256Tables`] through
+    /// jwt-compact's `Algorithm` trait, and only then are the claims read
+    /// (`deserialize_claims_unchecked`: unchecked by jwt-compact, checked by
+    /// us just before). jwt-compact's own `Validator::validate` would parse
+    /// the claims before the signature, once per candidate key.
+    pub fn verify_full(&self, token: &str, now: i64, fetched: &[EsKey], unknown: UnknownKid) -> Result<Session, JwtError> {
+        precheck(token)?;
+        let untrusted = UntrustedToken::new(token).map_err(|e| match e {
+            jwt_compact::ParseError::InvalidTokenStructure => JwtError::Structure,
+            jwt_compact::ParseError::InvalidBase64Encoding => JwtError::Base64,
+            _ => JwtError::Header,
+        })?;
+        if untrusted.algorithm() != Es256Tables.name() {
             return Err(JwtError::Algorithm);
         }
-        if header.crit.is_some() {
-            return Err(JwtError::Crit);
-        }
-        match &header.typ {
-            None => {}
-            Some(Value::String(t)) if t.eq_ignore_ascii_case("JWT") => {}
-            Some(_) => return Err(JwtError::Type),
-        }
-        let kid = match &header.kid {
-            None => None,
-            Some(Value::String(k)) if k.len() <= MAX_KID_LEN => Some(k.as_str()),
-            Some(_) => return Err(JwtError::Header),
-        };
-
-        // Exactly 64 bytes of big-endian r‖s (IEEE P1363), 0 < r, s < n.
-        // from_slice refuses DER, other lengths and out-of-range scalars.
-        let sig_bytes = b64(s64)?;
-        let sig = es256_signature(&sig_bytes).ok_or(JwtError::Signature)?;
-        let signing_input_len = h64.len() + 1 + p64.len();
-        let signing_input = token.as_bytes().get(..signing_input_len).ok_or(JwtError::Structure)?;
-        let mut candidates = self
-            .keys
-            .iter()
-            .chain(fetched.iter())
-            .filter(|k| match (kid, k.kid.as_deref()) {
-                // A pinned key without kid is tried for any token; a JWKS key
-                // only for its own kid (or for tokens that name none).
-                (_, None) | (None, Some(_)) => true,
-                (Some(want), Some(have)) => want == have,
-            })
-            .peekable();
-        if candidates.peek().is_none() {
-            return Err(JwtError::UnknownKid);
-        }
-        if !candidates.any(|k| k.verify(signing_input, &sig)) {
+        let signature = Es256Signature::try_from_slice(untrusted.signature_bytes()).map_err(|_| JwtError::Signature)?;
+        // What was signed: the token up to its last '.', as jwt-compact takes it.
+        let signed = token.rsplit_once('.').map(|(s, _)| s.as_bytes()).ok_or(JwtError::Structure)?;
+        let kid = untrusted.header().key_id.as_deref();
+        if !self.candidates(kid, fetched, unknown)?.into_iter().any(|key| Es256Tables.verify_signature(&signature, key, signed)) {
             return Err(JwtError::Signature);
         }
-
-        // Only now is the payload worth reading.
-        let claims_bytes = b64(p64)?;
-        let claims: Claims = json_object(&claims_bytes).ok_or(JwtError::Claims)?;
+        // Only now is the payload worth reading: one UTF-8 JSON object
+        // (serde_json does not check the UTF-8 of members it skips, and a
+        // derived struct would also take an array).
+        let payload = token.split('.').nth(1).map(b64).transpose()?.unwrap_or_default();
+        if !std::str::from_utf8(&payload).is_ok_and(|t| t.trim_start().starts_with('{')) {
+            return Err(JwtError::Claims);
+        }
+        let claims: Claims<PrivyClaims> = untrusted.deserialize_claims_unchecked().map_err(|_| JwtError::Claims)?;
         self.check_claims(&claims, now)
     }
 
-    fn check_claims(&self, c: &Claims, now: i64) -> Result<Session, JwtError> {
+    /// The keys a token may be checked with, at most [`MAX_KEYS_TRIED`]
+    /// (one, for a token naming a `kid` that a key has).
+    fn candidates<'k>(
+        &'k self,
+        kid: Option<&str>,
+        fetched: &'k [EsKey],
+        unknown: UnknownKid,
+    ) -> Result<Vec<&'k EsKey>, JwtError> {
+        let all = || self.keys.iter().chain(fetched.iter());
+        let kidless = || all().filter(|k| k.kid.is_none());
+        let named = || all().filter(|k| k.kid.is_some());
+        let chosen: Vec<&EsKey> = match kid {
+            Some(want) => match all().find(|k| k.kid.as_deref() == Some(want)) {
+                Some(key) => vec![key],
+                None if unknown == UnknownKid::Refetch => return Err(JwtError::UnknownKid),
+                None => kidless().take(MAX_KEYS_TRIED).collect(),
+            },
+            None => kidless().chain(named()).take(MAX_KEYS_TRIED).collect(),
+        };
+        if chosen.is_empty() {
+            return Err(JwtError::UnknownKid);
+        }
+        Ok(chosen)
+    }
+
+    fn check_claims(&self, c: &Claims<PrivyClaims>, now: i64) -> Result<Session, JwtError> {
         let leeway = self.leeway_secs;
-        let exp = numeric_date(&c.exp, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
-        let iat = numeric_date(&c.iat, "iat")?.ok_or(JwtError::MissingClaim("iat"))?;
-        if c.iss.as_ref().and_then(Value::as_str) != Some(self.issuer.as_str()) {
+        let exp = c.expiration.ok_or(JwtError::MissingClaim("exp"))?.timestamp();
+        let iat = c.issued_at.ok_or(JwtError::MissingClaim("iat"))?.timestamp();
+        let p = &c.custom;
+        if p.iss.as_ref().and_then(Value::as_str) != Some(self.issuer.as_str()) {
             return Err(JwtError::Issuer);
         }
-        let aud_ok = match &c.aud {
+        let aud_ok = match &p.aud {
             Some(Value::String(a)) => *a == self.app_id,
             Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(self.app_id.as_str())),
             _ => false,
@@ -338,26 +485,43 @@ impl PrivyVerifier {
         if !aud_ok {
             return Err(JwtError::Audience);
         }
+        // jwt-compact's checks with the policy's leeway and the host clock…
+        let clock = chrono::DateTime::from_timestamp(now, 0).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        let options = TimeOptions::new(chrono::Duration::seconds(leeway), move || clock);
+        c.validate_expiration(&options).map_err(|e| validation_error(&e))?;
+        if c.not_before.is_some() {
+            c.validate_maturity(&options).map_err(|e| validation_error(&e))?;
+        }
+        // …and the stricter edge: RFC 7519 §4.1.4 says valid *before* exp;
+        // jwt-compact still accepts the second exp + leeway itself.
         if now.saturating_sub(leeway) >= exp {
             return Err(JwtError::Expired);
-        }
-        if let Some(nbf) = numeric_date(&c.nbf, "nbf")? {
-            if now.saturating_add(leeway) < nbf {
-                return Err(JwtError::NotYetValid);
-            }
         }
         if iat > now.saturating_add(leeway) {
             return Err(JwtError::IssuedInFuture);
         }
-        let sub = match &c.sub {
+        let sub = match &p.sub {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SUB_LEN && is_header_safe(s) => s,
             _ => return Err(JwtError::MissingClaim("sub")),
         };
-        let sid = match &c.sid {
+        let sid = match &p.sid {
             Some(Value::String(s)) if !s.is_empty() => s,
             _ => return Err(JwtError::MissingClaim("sid")),
         };
         Ok(Session { account: sub.clone(), session_id: sid.clone(), expires_at: exp })
+    }
+}
+
+/// jwt-compact's refusals, as ours.
+fn validation_error(e: &ValidationError) -> JwtError {
+    match e {
+        ValidationError::AlgorithmMismatch { .. } => JwtError::Algorithm,
+        ValidationError::InvalidSignatureLen { .. }
+        | ValidationError::MalformedSignature(_)
+        | ValidationError::InvalidSignature => JwtError::Signature,
+        ValidationError::Expired => JwtError::Expired,
+        ValidationError::NotMature => JwtError::NotYetValid,
+        _ => JwtError::Claims,
     }
 }
 
@@ -410,24 +574,6 @@ fn json_object<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
         return None;
     }
     serde_json::from_slice(bytes).ok()
-}
-
-/// RFC 7519 NumericDate: a JSON number of seconds (fractions allowed, truncated).
-fn numeric_date(v: &Option<Value>, name: &'static str) -> Result<Option<i64>, JwtError> {
-    match v {
-        None => Ok(None),
-        Some(Value::Number(n)) => {
-            if let Some(i) = n.as_i64() {
-                return Ok(Some(i));
-            }
-            match n.as_f64() {
-                // Casting a finite f64 within ±2^62 to i64 is exact enough for seconds.
-                Some(f) if f.is_finite() && f.abs() < 4.0e18 => Ok(Some(f.trunc() as i64)),
-                _ => Err(JwtError::MissingClaim(name)),
-            }
-        }
-        Some(_) => Err(JwtError::MissingClaim(name)),
-    }
 }
 
 #[cfg(test)]
@@ -522,7 +668,10 @@ mod tests {
             assert_eq!(verifier().verify(&sign(header, &c), NOW), Err(want), "{header}");
         }
         let with_null_nbf = c.replacen('{', r#"{"nbf":null,"#, 1);
-        assert_eq!(verifier().verify(&sign(H, &with_null_nbf), NOW), Err(JwtError::MissingClaim("nbf")));
+        // jwt-compact refuses a null NumericDate as malformed claims.
+        assert_eq!(verifier().verify(&sign(H, &with_null_nbf), NOW), Err(JwtError::Claims));
+        let with_null_exp = c.replacen(&format!(r#""exp":{}"#, NOW + 100), r#""exp":null"#, 1);
+        assert_eq!(verifier().verify(&sign(H, &with_null_exp), NOW), Err(JwtError::Claims));
     }
 
     #[test]
@@ -538,9 +687,9 @@ mod tests {
             serde_json::json!({"kty":"EC","crv":"P-256","kid":kid,
                 "x":URL_SAFE_NO_PAD.encode(pt.x().unwrap()),"y":URL_SAFE_NO_PAD.encode(pt.y().unwrap())})
         };
-        let first = keys_from_jwks(&serde_json::json!({"keys":[jwk(&[7; 32], "a")]})).unwrap();
+        let first = keys_from_jwks(&serde_json::json!({"keys":[jwk(&[7; 32], "a")]}), 16).unwrap();
         // Same key (even renamed), plus a new one.
-        let second = keys_from_jwks_reusing(&serde_json::json!({"keys":[jwk(&[8; 32], "b"), jwk(&[7; 32], "a2")]}), &first).unwrap();
+        let second = keys_from_jwks_reusing(&serde_json::json!({"keys":[jwk(&[8; 32], "b"), jwk(&[7; 32], "a2")]}), &first, 16).unwrap();
         let table = |k: &EsKey| Arc::as_ptr(k.prepared.as_ref().unwrap());
         assert_eq!(table(&second[1]), table(&first[0]));
         assert_ne!(table(&second[0]), table(&first[0]));
@@ -569,18 +718,145 @@ mod tests {
         let jwks: Value = serde_json::from_str(&format!(
             r#"{{"keys":[{{"kty":"RSA","n":"x","e":"AQAB"}},{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"a","use":"sig","alg":"ES256"}}]}}"#
         )).unwrap();
-        let keys = keys_from_jwks(&jwks).unwrap();
+        let keys = keys_from_jwks(&jwks, 16).unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].kid.as_deref(), Some("a"));
         let dup: Value = serde_json::from_str(&format!(
             r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"a"}},{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"a"}}]}}"#
         )).unwrap();
-        assert_eq!(keys_from_jwks(&dup).unwrap_err(), KeyError::DuplicateKid("a".into()));
+        assert_eq!(keys_from_jwks(&dup, 16).unwrap_err(), KeyError::DuplicateKid("a".into()), "even the same key");
+        let kidless_twice: Value = serde_json::from_str(&format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}"}},{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}"}}]}}"#
+        )).unwrap();
+        assert_eq!(keys_from_jwks(&kidless_twice, 16).unwrap().len(), 1, "the same kid-less key twice is one key");
+        let other = SigningKey::from_slice(&[3; 32]).unwrap().verifying_key().to_encoded_point(false);
+        let (x2, y2) = (URL_SAFE_NO_PAD.encode(other.x().unwrap()), URL_SAFE_NO_PAD.encode(other.y().unwrap()));
+        let dup: Value = serde_json::from_str(&format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"a"}},{{"kty":"EC","crv":"P-256","x":"{x2}","y":"{y2}","kid":"a"}}]}}"#
+        )).unwrap();
+        assert_eq!(keys_from_jwks(&dup, 16).unwrap_err(), KeyError::DuplicateKid("a".into()), "two keys under one kid");
+        let shared: Value = serde_json::from_str(&format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"a"}},{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"b"}}]}}"#
+        )).unwrap();
+        let both = keys_from_jwks(&shared, 16).unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(Arc::ptr_eq(both[0].prepared.as_ref().unwrap(), both[1].prepared.as_ref().unwrap()), "one point, one table");
+        assert_eq!(keys_from_jwks(&shared, 1).unwrap_err(), KeyError::TooManyKeys { max: 1 });
         let only_rsa: Value = serde_json::from_str(r#"{"keys":[{"kty":"RSA"}]}"#).unwrap();
-        assert_eq!(keys_from_jwks(&only_rsa).unwrap_err(), KeyError::NoUsableKey);
+        assert_eq!(keys_from_jwks(&only_rsa, 16).unwrap_err(), KeyError::NoUsableKey);
         let off_curve: Value = serde_json::from_str(&format!(
             r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{x}"}}]}}"#
         )).unwrap();
-        assert!(keys_from_jwks(&off_curve).is_err());
+        assert!(keys_from_jwks(&off_curve, 16).is_err());
+    }
+
+    /// A verifier whose keys are RFC 7515 A.3 (under `kids[0]`) and decoys.
+    fn keys(specs: &[(Option<&str>, u8)]) -> Vec<EsKey> {
+        specs
+            .iter()
+            .map(|(kid, d)| {
+                let key = if *d == 0 { *signing_key().verifying_key() } else { *SigningKey::from_slice(&[*d; 32]).unwrap().verifying_key() };
+                EsKey::new(kid.map(str::to_owned), key)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_token_with_a_kid_is_checked_with_that_key_only() {
+        let t = sign(H, &claims(NOW + 60)); // kid k1
+        // k1 is a decoy here; the right key sits under another kid.
+        let v = PrivyVerifier { keys: keys(&[(Some("k1"), 9), (Some("k2"), 0)]), ..verifier() };
+        assert_eq!(v.verify(&t, NOW), Err(JwtError::Signature), "the key named k2 is never tried for kid k1");
+        let v = PrivyVerifier { keys: keys(&[(Some("k2"), 9), (Some("k1"), 0)]), ..verifier() };
+        assert!(v.verify(&t, NOW).is_ok());
+    }
+
+    #[test]
+    fn a_token_without_kid_is_tried_against_a_bounded_few_keys() {
+        let t = sign(r#"{"alg":"ES256","typ":"JWT"}"#, &claims(NOW + 60));
+        let decoys: Vec<(Option<&str>, u8)> = (1..=MAX_KEYS_TRIED as u8).map(|i| (None, i)).collect();
+        let mut specs = decoys.clone();
+        specs.push((None, 0));
+        let v = PrivyVerifier { keys: keys(&specs), ..verifier() };
+        assert_eq!(v.verify(&t, NOW), Err(JwtError::Signature), "the right key is the fourth: never tried");
+        let mut specs = decoys[1..].to_vec();
+        specs.push((None, 0));
+        let v = PrivyVerifier { keys: keys(&specs), ..verifier() };
+        assert!(v.verify(&t, NOW).is_ok(), "the third is tried");
+        // Kid-less keys go first, then the named ones.
+        let v = PrivyVerifier { keys: keys(&[(Some("a"), 1), (Some("b"), 2), (None, 3), (None, 4), (Some("c"), 0)]), ..verifier() };
+        assert_eq!(v.verify(&t, NOW), Err(JwtError::Signature));
+        let v = PrivyVerifier { keys: keys(&[(Some("a"), 0), (Some("b"), 2), (None, 3), (None, 4)]), ..verifier() };
+        assert!(v.verify(&t, NOW).is_ok(), "two kid-less keys, then the first named one");
+    }
+
+    #[test]
+    fn an_unknown_kid_asks_for_a_refetch_before_the_pinned_kidless_key() {
+        // A pinned PEM (no kid) plus JWKS fetching: a token naming a kid
+        // nobody has must make the caller fetch, not match the pinned key.
+        let t = sign(r#"{"alg":"ES256","kid":"rotated-in"}"#, &claims(NOW + 60));
+        let v = PrivyVerifier { keys: keys(&[(None, 0)]), ..verifier() };
+        assert_eq!(v.verify_full(&t, NOW, &[], UnknownKid::Refetch), Err(JwtError::UnknownKid));
+        assert!(v.verify_full(&t, NOW, &[], UnknownKid::TryKidless).is_ok(), "after the fetch (or in its cooldown)");
+        // Once fetched, the named key is the only one tried.
+        let fetched = keys(&[(Some("rotated-in"), 0)]);
+        assert!(v.verify_full(&t, NOW, &fetched, UnknownKid::Refetch).is_ok());
+        let decoy = keys(&[(Some("rotated-in"), 7)]);
+        assert_eq!(v.verify_full(&t, NOW, &decoy, UnknownKid::TryKidless), Err(JwtError::Signature));
+    }
+
+    #[test]
+    fn jwt_compact_layer_and_the_stricter_edges() {
+        let v = verifier();
+        // jwt-compact's UntrustedToken takes padding-free base64 too, but the
+        // precheck refuses what it would let by: padding, a 4th segment…
+        let t = sign(H, &claims(NOW + 60));
+        assert_eq!(v.verify(&format!("{t}="), NOW), Err(JwtError::Base64));
+        assert_eq!(v.verify(&format!("{t}.x"), NOW), Err(JwtError::Structure));
+        // …a duplicate claim (serde refuses it through the flatten too).
+        let dup = format!(r#"{{"sub":"did:privy:x",{}"#, &claims(NOW + 60)[1..]);
+        assert_eq!(v.verify(&sign(H, &dup), NOW), Err(JwtError::Claims));
+        let dup_exp = format!(r#"{{"exp":1,{}"#, &claims(NOW + 60)[1..]);
+        assert_eq!(v.verify(&sign(H, &dup_exp), NOW), Err(JwtError::Claims));
+        // Claims that are not an object.
+        assert_eq!(v.verify(&sign(H, "[1,2]"), NOW), Err(JwtError::Claims));
+        // exp + leeway is already expired (RFC 7519: valid before exp), where
+        // jwt-compact alone would still accept that second.
+        let t = sign(H, &claims(NOW));
+        assert!(v.verify(&t, NOW + v.leeway_secs - 1).is_ok());
+        assert_eq!(v.verify(&t, NOW + v.leeway_secs), Err(JwtError::Expired));
+        // A fractional NumericDate is truncated (RFC 7519 allows fractions).
+        let frac = claims(NOW + 60).replace(&format!("{}", NOW + 60), &format!("{}.75", NOW + 60));
+        assert_eq!(v.verify(&sign(H, &frac), NOW).map(|s| s.expires_at), Ok(NOW + 60));
+        // cty other than JSON: jwt-compact refuses it (CBOR is not enabled).
+        assert_eq!(v.verify(&sign(r#"{"alg":"ES256","kid":"k1","cty":"CBOR"}"#, &claims(NOW + 60)), NOW), Err(JwtError::Header));
+        // An embedded jwk / jku in the header is never used to pick a key.
+        let pt = SigningKey::from_slice(&[9; 32]).unwrap().verifying_key().to_encoded_point(false);
+        let jwk = format!(
+            r#"{{"alg":"ES256","kid":"k1","jku":"https://evil/jwks","jwk":{{"kty":"EC","crv":"P-256","x":"{}","y":"{}"}}}}"#,
+            URL_SAFE_NO_PAD.encode(pt.x().unwrap()),
+            URL_SAFE_NO_PAD.encode(pt.y().unwrap())
+        );
+        let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(&jwk), URL_SAFE_NO_PAD.encode(claims(NOW + 60)));
+        let sig: Signature = SigningKey::from_slice(&[9; 32]).unwrap().sign(input.as_bytes());
+        let forged = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        assert!(v.verify(&forged, NOW).is_err());
+    }
+
+    #[test]
+    fn es256_tables_is_a_jwt_compact_algorithm() {
+        use jwt_compact::{AlgorithmExt, Empty};
+        let key = EsKey::new(None, *signing_key().verifying_key());
+        let good = sign(H, &claims(NOW + 60));
+        let token = UntrustedToken::new(&good).unwrap();
+        assert!(Es256Tables.validator::<Empty>(&key).validate(&token).is_ok());
+        let other = EsKey::new(None, *SigningKey::from_slice(&[9; 32]).unwrap().verifying_key());
+        assert!(matches!(Es256Tables.validator::<Empty>(&other).validate(&token), Err(ValidationError::InvalidSignature)));
+        // High-S twin: still valid ES256 (RFC 7515 A.3 is one).
+        let sig = Es256Signature::try_from_slice(token.signature_bytes()).unwrap();
+        let high = sig.0.normalize_s().map_or_else(|| Signature::from_scalars(sig.0.r(), -*sig.0.s()).unwrap(), |_| sig.0);
+        assert!(Es256Tables.verify_signature(&Es256Signature(high), &key, good.rsplit_once('.').unwrap().0.as_bytes()));
+        assert!(Es256Signature::try_from_slice(&[0; 64]).is_err(), "r = s = 0");
+        assert_eq!(Es256Signature(sig.0).as_bytes().len(), 64);
     }
 }

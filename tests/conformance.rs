@@ -1,10 +1,10 @@
-//! The ES256 verifier against public conformance vectors in
-//! `../shared/testdata/` (Wycheproof, RFC 7515 A.3, the JOSE cookbook and the
-//! derived Privy-shaped corpus). Missing test data fails the suite: it is
-//! part of the repository's contract with CI (`../shared` sits beside it).
+//! The ES256 verifier against public conformance vectors vendored in
+//! `tests/vectors/` (Wycheproof, RFC 7515 A.3, the JOSE cookbook and the
+//! derived Privy-shaped corpus; provenance, licences and SHA-256 in
+//! `tests/vectors/README.md`). Missing test data fails the suite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -13,10 +13,7 @@ use p256::ecdsa::VerifyingKey;
 use serde_json::Value;
 
 fn testdata(rel: &str) -> Value {
-    let root = std::env::var_os("DIALTONE_TESTDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata"));
-    let path = root.join(rel);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(rel);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("test data {} is required: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
@@ -82,7 +79,7 @@ fn wycheproof_ecdsa_p256_sha256_p1363() {
 fn rfc7515_a3_high_s_example_verifies() {
     let a3 = testdata("jose-cookbook/rfc7515/a3_es256.json");
     let jwk = serde_json::json!({"keys": [{"kty":"EC","crv":"P-256","x":a3["input"]["key"]["x"],"y":a3["input"]["key"]["y"]}]});
-    let v = verifier(privy_jwt::keys_from_jwks(&jwk).unwrap(), "joe", "x", 0);
+    let v = verifier(privy_jwt::keys_from_jwks(&jwk, privy_jwt::DEFAULT_MAX_KEYS).unwrap(), "joe", "x", 0);
     let compact = a3["output"]["compact"].as_str().unwrap();
     // The payload is not a Privy token (no aud/sub/sid), so the verifier
     // must get past the signature and then refuse the claims.
@@ -105,7 +102,7 @@ fn derived_privy_corpus() {
     let iss = cfg["issuer"].as_str().unwrap();
     let aud = cfg["audience"].as_str().unwrap();
     // Both ways an operator can configure the key must give the same verdicts.
-    let from_jwks = privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [cfg["public_key_jwk"]]})).unwrap();
+    let from_jwks = privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [cfg["public_key_jwk"]]}), privy_jwt::DEFAULT_MAX_KEYS).unwrap();
     let from_pem = vec![privy_jwt::key_from_pem(cfg["public_key_pem"].as_str().unwrap()).unwrap()];
     let mut failures = Vec::new();
     let mut count = 0;
@@ -131,7 +128,7 @@ fn wycheproof_jws_es256_signature_layer_and_everything_else_refused() {
     let es_key = |jwk: &Value| {
         let mut public = jwk.clone();
         public.as_object_mut().unwrap().remove("d");
-        privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [public]})).unwrap()
+        privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [public]}), privy_jwt::DEFAULT_MAX_KEYS).unwrap()
     };
     let (mut es256_checked, mut others_refused) = (0, 0);
     let mut reference_key = None;
@@ -163,7 +160,7 @@ fn wycheproof_jws_es256_signature_layer_and_everything_else_refused() {
             (jwk["kty"] == "EC").then(|| {
                 let mut public = jwk.clone();
                 public.as_object_mut().unwrap().remove("d");
-                privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [public]})).ok()
+                privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [public]}), privy_jwt::DEFAULT_MAX_KEYS).ok()
             })
         });
         for t in group["tests"].as_array().unwrap() {
@@ -200,7 +197,7 @@ fn wycheproof_jwk_sets() {
         }
         // A set the config loader refuses (duplicate kid, bad point, no ES256
         // key) means every token is refused.
-        let keys = privy_jwt::keys_from_jwks(&set).ok();
+        let keys = privy_jwt::keys_from_jwks(&set, privy_jwt::DEFAULT_MAX_KEYS).ok();
         for t in group["tests"].as_array().unwrap() {
             let jws = t["jws"].as_str().unwrap();
             let got = keys.clone().is_some_and(|k| signature_accepted(&verifier(k, "x", "x", 0), jws));
@@ -223,7 +220,7 @@ fn wycheproof_jwk_sets() {
 fn jose_cookbook_non_es256_examples_are_refused() {
     let a3 = testdata("jose-cookbook/rfc7515/a3_es256.json");
     let jwk = serde_json::json!({"keys": [{"kty":"EC","crv":"P-256","x":a3["input"]["key"]["x"],"y":a3["input"]["key"]["y"]}]});
-    let v = verifier(privy_jwt::keys_from_jwks(&jwk).unwrap(), "joe", "x", 0);
+    let v = verifier(privy_jwt::keys_from_jwks(&jwk, privy_jwt::DEFAULT_MAX_KEYS).unwrap(), "joe", "x", 0);
     for rel in [
         "jose-cookbook/rfc7520/4_3.ecdsa_signature.json",
         "jose-cookbook/rfc7520/4_4.hmac-sha2_integrity_protection.json",
@@ -247,5 +244,5 @@ fn jose_cookbook_non_es256_examples_are_refused() {
     }
     // A P-521 key is not an ES256 key.
     let p521 = testdata("jose-cookbook/rfc7520/3_1.ec_public_key.json");
-    assert!(privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [p521]})).is_err());
+    assert!(privy_jwt::keys_from_jwks(&serde_json::json!({"keys": [p521]}), privy_jwt::DEFAULT_MAX_KEYS).is_err());
 }

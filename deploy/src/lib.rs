@@ -13,12 +13,11 @@ pub mod oci;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The workspace root: `DIALTONE_ROOT`, else the parent of this crate.
-pub fn root() -> PathBuf {
-    match std::env::var_os("DIALTONE_ROOT").filter(|v| !v.is_empty()) {
-        Some(r) => PathBuf::from(r),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default(),
-    }
+/// The dialtone checkout: `DIALTONE_ROOT`, else the one holding the current
+/// directory (never the tree this binary was built in); an error naming
+/// `DIALTONE_ROOT` when there is none.
+pub fn root() -> Result<PathBuf, String> {
+    dialtone_devstack::repo_root()
 }
 
 /// The Envoy binary: `ENVOY_BIN`, else `<root>/.venv/bin/envoy` (`make envoy`).
@@ -29,12 +28,22 @@ pub fn envoy_bin(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join(".venv/bin/envoy"))
 }
 
-/// The filter built by `make wasm`: `DIALTONE_WASM`, else the wasm-release artifact.
+fn wasm_from_env() -> Option<PathBuf> {
+    std::env::var_os("DIALTONE_WASM").filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The filter built by `make wasm`: `DIALTONE_WASM`, else the wasm-release artifact under `root`.
 pub fn built_wasm(root: &Path) -> PathBuf {
-    std::env::var_os("DIALTONE_WASM")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/wasm32-wasip1/wasm-release/dialtone.wasm"))
+    wasm_from_env().unwrap_or_else(|| root.join("target/wasm32-wasip1/wasm-release/dialtone.wasm"))
+}
+
+/// [`built_wasm`] in the checkout of [`root`], which is only looked for when
+/// `DIALTONE_WASM` is unset.
+pub fn default_wasm() -> Result<PathBuf, String> {
+    match wasm_from_env() {
+        Some(p) => Ok(p),
+        None => root().map(|r| built_wasm(&r)),
+    }
 }
 
 /// What `envoy --mode validate` said.

@@ -16,7 +16,8 @@ const USAGE: &str = "usage:
         schemas in envoy/crds, and every embedded plugin configuration with the
         filter's own validation
 
-relative paths are taken from the workspace root (DIALTONE_ROOT overrides)";
+relative paths and the defaults are taken from the dialtone checkout: DIALTONE_ROOT,
+else the one holding the current directory";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,29 +36,40 @@ fn main() {
     }
 }
 
+/// The checkout, for relative paths and defaults: only looked for when one is needed.
+fn root_for_paths() -> Result<PathBuf, String> {
+    dialtone_deploy::root().map_err(|e| format!("{e}, or give --wasm and --out as absolute paths"))
+}
+
+fn in_root(p: PathBuf) -> Result<PathBuf, String> {
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        root_for_paths().map(|r| r.join(p))
+    }
+}
+
 fn package(args: &[String]) -> Result<(), String> {
-    let root = dialtone_deploy::root();
-    let at_root = |p: &str| {
-        let p = PathBuf::from(p);
-        if p.is_absolute() {
-            p
-        } else {
-            root.join(p)
-        }
-    };
-    let mut wasm = dialtone_deploy::built_wasm(&root);
-    let mut out = root.join("target/package");
+    let (mut wasm, mut out) = (None, None);
     let mut tag = env!("CARGO_PKG_VERSION").to_owned();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
-            "--wasm" => wasm = at_root(value),
-            "--out" => out = at_root(value),
+            "--wasm" => wasm = Some(PathBuf::from(value)),
+            "--out" => out = Some(PathBuf::from(value)),
             "--tag" => tag = value.clone(),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
+    let wasm = match wasm {
+        Some(p) => in_root(p)?,
+        None => dialtone_deploy::default_wasm().map_err(|e| format!("{e}, or give --wasm (or DIALTONE_WASM)"))?,
+    };
+    let out = match out {
+        Some(p) => in_root(p)?,
+        None => root_for_paths()?.join("target/package"),
+    };
     let p = oci::package(&wasm, &out, &tag)?;
     let digest = p.image.manifest_digest();
     println!("packaged {} ({} bytes) into {}", wasm.display(), p.wasm_len, out.display());
@@ -69,7 +81,7 @@ fn package(args: &[String]) -> Result<(), String> {
 }
 
 fn check() -> Result<(), String> {
-    let root = dialtone_deploy::root();
+    let root = dialtone_deploy::root()?;
     let dirs = [root.join("envoy/istio"), root.join("envoy/gateway")];
     let (count, problems) = k8s::check_dirs(&root.join("envoy/crds"), &dirs)?;
     if problems.is_empty() {

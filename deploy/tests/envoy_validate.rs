@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 const ADMIN_KEY: &str = "dial_admin_0123456789abcdef0123456789abcdef";
 
 fn root() -> PathBuf {
-    dialtone_deploy::root()
+    dialtone_deploy::root().unwrap()
 }
 
 fn envoy() -> PathBuf {

@@ -11,7 +11,7 @@ use dialtone_deploy::k8s::{self, Doc, Schemas};
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
-    dialtone_deploy::root()
+    dialtone_deploy::root().unwrap()
 }
 
 fn schemas() -> Schemas {
@@ -58,6 +58,63 @@ fn demo_policy() -> Value {
 
 fn errors(doc: &Doc) -> Vec<String> {
     k8s::validate_doc(&schemas(), doc)
+}
+
+/// A secret the filter reads from its VM environment.
+struct FilterSecret {
+    /// The environment variable (the same name in the container env, the
+    /// VM env list and the Secret's one key).
+    env: &'static str,
+    /// The Kubernetes Secret holding it, one per secret.
+    secret: &'static str,
+    /// A value of the shape its creation command makes, which the filter accepts.
+    example: &'static str,
+}
+
+/// Every secret, carried the same way: its own Secret -> the proxy
+/// container's env (`secretKeyRef`) -> the VM (`valueFrom: HOST` /
+/// `env.hostKeys`), in this order everywhere. Another secret is one more row
+/// (and its check in [`filter_load`]).
+const SECRETS: &[FilterSecret] = &[
+    FilterSecret {
+        env: "DIAL_ADMIN_API_KEY",
+        secret: "dialtone-admin-key",
+        example: "dial_admin_0123456789abcdef0123456789abcdef0123456789abcdef",
+    },
+    FilterSecret {
+        env: dialtone::cache::SHARED_SECRET_ENV,
+        secret: "dialtone-shared-cache-secret",
+        example: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    },
+];
+
+/// What the filter's `on_configure` does with its VM environment
+/// (src/filter.rs, wasm32 only, hence restated here with the same library
+/// calls): the shared-cache secret, then the policy with the admin key. The
+/// error reads as the filter logs it after "invalid plugin configuration: ".
+fn filter_load(cfg: &Value, env: &[(&str, &str)]) -> Result<(), String> {
+    let get = |name: &str| env.iter().find(|(n, _)| *n == name).map(|&(_, v)| v);
+    dialtone::cache::SlotKey::from_env(get(dialtone::cache::SHARED_SECRET_ENV)).map_err(|e| format!("env {e}"))?;
+    k8s::check_plugin_config(cfg, get("DIAL_ADMIN_API_KEY")).map(|_| ())
+}
+
+/// The proxy container's env entries that carry every secret from its Secret.
+fn secret_env_entries() -> Value {
+    SECRETS
+        .iter()
+        .map(|x| json!({"name": x.env, "valueFrom": {"secretKeyRef": {"name": x.secret, "key": x.env}}}))
+        .collect()
+}
+
+/// Every secret's Secret is in `namespace` and holds that one key.
+fn assert_secrets_in(d: &[Doc], namespace: &str) {
+    for x in SECRETS {
+        let secret = find(d, "Secret", x.secret);
+        assert_eq!(secret.namespace(), namespace, "{secret}");
+        assert_eq!(secret.value["type"], "Opaque", "{secret}");
+        let keys: Vec<&String> = secret.value["stringData"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, [x.env], "{secret}: one key, named after the variable");
+    }
 }
 
 // --- (a) schemas -------------------------------------------------------------
@@ -116,31 +173,88 @@ fn embedded_plugin_configs_pass_the_filter_validation() {
 }
 
 #[test]
-fn placeholder_admin_keys_are_refused_by_the_filter() {
-    // An unchanged Secret must fail closed, never become a known admin key.
+fn placeholder_secrets_are_refused_by_the_filter() {
+    // An unchanged Secret must fail closed, never become a known admin key
+    // or a known key for the shared token slots.
     for (dir, plugin_kind) in [("envoy/istio", "WasmPlugin"), ("envoy/gateway", "EnvoyExtensionPolicy")] {
         let d = docs(dir);
-        let secret = find(&d, "Secret", "dialtone-admin-key");
-        let placeholder = s(&secret.value, "/stringData/DIAL_ADMIN_API_KEY");
         let (_, cfg) = k8s::plugin_configs(only(&d, plugin_kind)).remove(0);
-        let err = k8s::check_plugin_config(&cfg, Some(placeholder)).unwrap_err();
-        assert!(err.contains("DIAL_ADMIN_API_KEY"), "{err}");
-        // A real key is accepted.
-        assert!(k8s::check_plugin_config(&cfg, Some("dial_admin_0123456789abcdef0123")).is_ok());
+        let real: Vec<(&str, &str)> = SECRETS.iter().map(|x| (x.env, x.example)).collect();
+        // Real values are accepted ...
+        filter_load(&cfg, &real).unwrap();
+        for x in SECRETS {
+            let secret = find(&d, "Secret", x.secret);
+            let placeholder = s(&secret.value, &format!("/stringData/{}", x.env));
+            // ... and each placeholder is refused, whatever the others hold.
+            let env: Vec<(&str, &str)> =
+                real.iter().map(|&(n, v)| (n, if n == x.env { placeholder } else { v })).collect();
+            let err = filter_load(&cfg, &env).unwrap_err();
+            assert!(err.contains(x.env), "{secret}: {err}");
+        }
+    }
+}
+
+#[test]
+fn the_shared_cache_secret_is_optional_but_never_short() {
+    let d = docs("envoy/istio");
+    let (_, cfg) = k8s::plugin_configs(only(&d, "WasmPlugin")).remove(0);
+    let env = dialtone::cache::SHARED_SECRET_ENV;
+    // Unset or empty: sharing off, the plugin loads.
+    filter_load(&cfg, &[]).unwrap();
+    filter_load(&cfg, &[(env, "")]).unwrap();
+    // `openssl rand -hex 32` (64 characters) and the bare minimum load; one
+    // character less is refused with the message the docs quote.
+    filter_load(&cfg, &[(env, &"a".repeat(64))]).unwrap();
+    filter_load(&cfg, &[(env, &"a".repeat(32))]).unwrap();
+    assert_eq!(
+        filter_load(&cfg, &[(env, &"a".repeat(31))]).unwrap_err(),
+        "env DIAL_SHARED_CACHE_SECRET must be at least 32 characters"
+    );
+}
+
+/// Every `vm_config` object under `v`.
+fn vm_configs_in<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(vm) = m.get("vm_config") {
+                out.push(vm);
+            }
+            m.values().for_each(|c| vm_configs_in(c, out));
+        }
+        Value::Array(a) => a.iter().for_each(|c| vm_configs_in(c, out)),
+        _ => {}
+    }
+}
+
+/// The plain-Envoy bootstrap gives its one VM an id of its own and every
+/// secret the Kubernetes manifests carry (it may carry a newer one first).
+#[test]
+fn the_plain_envoy_bootstrap_passes_these_secrets_to_its_own_vm_id() {
+    let path = root().join("envoy/envoy-static.yaml");
+    let d = k8s::parse_docs(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut vm_configs = Vec::new();
+    vm_configs_in(&d[0].value, &mut vm_configs);
+    assert_eq!(vm_configs.len(), 1, "one Wasm VM");
+    let vm = vm_configs[0];
+    assert_eq!(vm["vm_id"], "dialtone");
+    let keys = vm["environment_variables"]["host_env_keys"].as_array().unwrap();
+    for x in SECRETS {
+        assert!(keys.contains(&json!(x.env)), "{} not in host_env_keys {keys:?}", x.env);
     }
 }
 
 // --- wiring --------------------------------------------------------------------
 
 #[test]
-fn istio_wasmplugin_is_wired_to_the_workload_the_secret_and_the_credits_service() {
+fn istio_wasmplugin_is_wired_to_the_workload_the_secrets_and_the_credits_service() {
     let d = docs("envoy/istio");
     let wp = &only(&d, "WasmPlugin").value;
     assert_eq!(s(wp, "/spec/phase"), "AUTHN");
     assert_eq!(s(wp, "/spec/failStrategy"), "FAIL_CLOSE");
     assert!(s(wp, "/spec/url").starts_with("oci://"));
     assert_eq!(s(wp, "/spec/sha256").len(), 64);
-    assert_eq!(wp["spec"]["vmConfig"]["env"], json!([{"name": "DIAL_ADMIN_API_KEY", "valueFrom": "HOST"}]));
+    let vm_env: Vec<Value> = SECRETS.iter().map(|x| json!({"name": x.env, "valueFrom": "HOST"})).collect();
+    assert_eq!(wp["spec"]["vmConfig"]["env"], json!(vm_env));
 
     // The credits cluster is Istio's name for the `credits` Service port.
     let svc = find(&d, "Service", "credits");
@@ -164,24 +278,27 @@ fn istio_wasmplugin_is_wired_to_the_workload_the_secret_and_the_credits_service(
         .any(|p| &p["containerPort"] == match_port)));
     assert_eq!(deploy.namespace(), wp["metadata"]["namespace"].as_str().unwrap());
 
-    // The `istio-proxy` container feeds the Secret into the sidecar's environment.
+    // The `istio-proxy` container feeds each Secret into the sidecar's
+    // environment, from the Deployment's namespace.
     let proxy = containers.iter().find(|c| c["name"] == "istio-proxy").expect("istio-proxy container");
     assert_eq!(proxy["image"], "auto");
-    let env = proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == "DIAL_ADMIN_API_KEY").expect("env");
-    let secret = find(&d, "Secret", s(env, "/valueFrom/secretKeyRef/name"));
-    assert_eq!(secret.namespace(), deploy.namespace());
-    assert!(secret.value["stringData"].get(s(env, "/valueFrom/secretKeyRef/key")).is_some());
+    assert_eq!(proxy["env"], secret_env_entries());
+    assert_secrets_in(&d, deploy.namespace());
 }
 
 #[test]
-fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secret() {
+fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secrets() {
     let d = docs("envoy/gateway");
     let eep = &only(&d, "EnvoyExtensionPolicy").value;
+    // dialtone alone in the list: Envoy Gateway's VM id for an entry is
+    // envoyextensionpolicy/<ns>/<policy>/wasm/<index>, and shared data is per VM id.
+    assert_eq!(eep["spec"]["wasm"].as_array().unwrap().len(), 1);
     let w = &eep["spec"]["wasm"][0];
     assert_eq!(w["failOpen"], json!(false));
     assert_eq!(s(w, "/code/type"), "Image");
     assert_eq!(s(w, "/code/image/sha256").len(), 64);
-    assert_eq!(w["env"]["hostKeys"], json!(["DIAL_ADMIN_API_KEY"]));
+    let host_keys: Vec<&str> = SECRETS.iter().map(|x| x.env).collect();
+    assert_eq!(w["env"]["hostKeys"], json!(host_keys));
 
     // Targets the HTTPRoute, which routes to the demo API via the Gateway.
     let target = &eep["spec"]["targetRefs"][0];
@@ -207,14 +324,13 @@ fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secret() {
     assert_eq!(addr["port_value"], svc.value["spec"]["ports"][0]["port"]);
     assert_eq!(s(w, "/config/credits_service/authority"), fqdn);
 
-    // The admin key: Gateway -> EnvoyProxy -> env from a Secret in the Envoy pods' namespace.
+    // The secrets: Gateway -> EnvoyProxy -> env from Secrets in the Envoy pods' namespace.
     let pref = &gw.value["spec"]["infrastructure"]["parametersRef"];
     let ep = find(&d, "EnvoyProxy", s(pref, "/name"));
     assert_eq!(ep.namespace(), gw.namespace());
-    let env = &ep.value["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"][0];
-    assert_eq!(env["name"], "DIAL_ADMIN_API_KEY");
-    let secret = find(&d, "Secret", s(env, "/valueFrom/secretKeyRef/name"));
-    assert_eq!(secret.namespace(), "envoy-gateway-system");
+    let env = &ep.value["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"];
+    assert_eq!(env, &secret_env_entries());
+    assert_secrets_in(&d, "envoy-gateway-system");
 }
 
 // --- (c) negative: the checks do reject mistakes -----------------------------

@@ -137,7 +137,7 @@ fn layout_holds_the_wasm_with_matching_digests() {
 
 #[test]
 fn the_built_filter_packages() {
-    let wasm_path = dialtone_deploy::built_wasm(&dialtone_deploy::root());
+    let wasm_path = dialtone_deploy::default_wasm().unwrap();
     assert!(wasm_path.exists(), "{} not built: run `make wasm`", wasm_path.display());
     let tmp = tempfile::tempdir().unwrap();
     oci::package(&wasm_path, tmp.path(), "latest").unwrap();

@@ -31,13 +31,47 @@ fn env_path(var: &str) -> Option<PathBuf> {
     std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
+/// The first of `start` and its ancestors that is a dialtone checkout: it
+/// holds `Cargo.toml` and `policy/demo.json`.
+pub fn find_root_from(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find(|dir| dir.join("Cargo.toml").is_file() && dir.join("policy/demo.json").is_file())
+        .map(Path::to_path_buf)
+}
+
+/// The dialtone checkout the tools work in: `DIALTONE_ROOT`, else the
+/// checkout holding the current directory. Never where the binary was
+/// built: a binary copied elsewhere or built in another tree must not point
+/// into its build tree.
+pub fn repo_root() -> Result<PathBuf, String> {
+    match env_path("DIALTONE_ROOT") {
+        Some(root) => Ok(root),
+        None => {
+            let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current directory ({e}): set DIALTONE_ROOT"))?;
+            root_at_or_above(&cwd)
+        }
+    }
+}
+
+/// [`find_root_from`], or the error that names `DIALTONE_ROOT`.
+fn root_at_or_above(cwd: &Path) -> Result<PathBuf, String> {
+    find_root_from(cwd).ok_or_else(|| {
+        format!(
+            "no dialtone checkout (a directory with Cargo.toml and policy/demo.json) at or above {}; \
+             run from inside the repository or set DIALTONE_ROOT to it",
+            cwd.display()
+        )
+    })
+}
+
 impl Paths {
-    /// Finds Envoy, the `.wasm` and the credits service. Missing parts are an
-    /// error that says how to get them (tests fail, never skip).
+    /// Finds Envoy, the `.wasm` and the credits service, in the checkout of
+    /// [`repo_root`] unless `ENVOY_BIN`, `DIALTONE_WASM`,
+    /// `DIALTONE_CREDITS_BIN` say otherwise. Missing parts are an error that
+    /// says how to get them (tests fail, never skip).
     pub fn discover() -> Result<Paths, String> {
-        let root = env_path("DIALTONE_ROOT").unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-        });
+        let root = repo_root()?;
         let envoy = env_path("ENVOY_BIN").unwrap_or_else(|| root.join(".venv/bin/envoy"));
         let wasm = env_path("DIALTONE_WASM").unwrap_or_else(|| root.join("target/wasm32-wasip1/wasm-release/dialtone.wasm"));
         let credits_bin = env_path("DIALTONE_CREDITS_BIN").unwrap_or_else(|| root.join("target/release/dialtone-credits"));
@@ -157,6 +191,13 @@ pub struct Stack {
     envoy: Option<Child>,
     /// More Envoy processes in front of the same services: (process, listen port, admin port).
     more_envoys: Vec<(Child, u16, u16)>,
+    /// `DIAL_SHARED_CACHE_SECRET` of this stack's Envoys: random per stack,
+    /// so the worker VMs of one Envoy share verified tokens (the filter
+    /// authenticates its shared-data slots with it).
+    shared_cache_secret: String,
+    /// `DIAL_SERVICE_KEY`: the key the filter proves itself with to the
+    /// key/credits service (random per stack; the service instances get it too).
+    pub service_key: String,
 }
 
 fn log_file(dir: &Path, name: &str) -> Result<(File, File), String> {
@@ -188,6 +229,8 @@ impl Stack {
             extra_credits: (0..n_extra).map(|_| None).collect(),
             envoy: None,
             more_envoys: Vec::new(),
+            shared_cache_secret: random_hex(32)?,
+            service_key: random_hex(32)?,
         };
         stack.start_credits()?;
         for i in 0..n_extra {
@@ -227,6 +270,7 @@ impl Stack {
             Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
             None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
         };
+        cmd.env("DIAL_SERVICE_KEY", &self.service_key);
         // The demo upstream publishes this file as the issuer's JWKS.
         cmd.env("DIALTONE_DEMO_JWKS_FILE", self.jwks_file());
         let child = cmd
@@ -263,6 +307,7 @@ impl Stack {
             Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
             None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
         };
+        cmd.env("DIAL_SERVICE_KEY", &self.service_key);
         let child = cmd
             .arg("--db")
             .arg(&self.db)
@@ -310,6 +355,8 @@ impl Stack {
             Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
             None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
         };
+        cmd.env("DIAL_SHARED_CACHE_SECRET", &self.shared_cache_secret);
+        cmd.env("DIAL_SERVICE_KEY", &self.service_key);
         cmd.spawn().map_err(|e| format!("starting {}: {e}", self.paths.envoy.display()))
     }
 
@@ -468,4 +515,75 @@ pub fn demo_setup(root: &Path, run_dir: &Path) -> Result<(SigningKey, Value), St
     let key = tokens::load_or_create_key(&run_dir.join("dev-signing-key.pem"))?;
     let cfg = demo_plugin_config(root, &tokens::public_pem(&key)?)?;
     Ok((key, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("dialtone-devstack-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        /// Creates `rel` (and its parents) as a file.
+        fn file(&self, rel: &str) -> &TempDir {
+            let path = self.0.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "{}").unwrap();
+            self
+        }
+
+        fn dir(&self, rel: &str) -> PathBuf {
+            let path = self.0.join(rel);
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_checkout_is_found_from_itself_and_from_below() {
+        let t = TempDir::new("below");
+        t.file("repo/Cargo.toml").file("repo/policy/demo.json");
+        let repo = t.0.join("repo");
+        assert_eq!(find_root_from(&repo), Some(repo.clone()));
+        // A member crate has its own Cargo.toml but no policy/demo.json: it is passed over.
+        t.file("repo/tests/e2e/Cargo.toml");
+        assert_eq!(find_root_from(&t.dir("repo/tests/e2e/src")), Some(repo.clone()));
+        assert_eq!(root_at_or_above(&t.dir("repo/target/run")), Ok(repo));
+    }
+
+    #[test]
+    fn the_innermost_checkout_wins() {
+        let t = TempDir::new("nested");
+        t.file("outer/Cargo.toml").file("outer/policy/demo.json");
+        t.file("outer/vendor/inner/Cargo.toml").file("outer/vendor/inner/policy/demo.json");
+        let inner = t.0.join("outer/vendor/inner");
+        assert_eq!(find_root_from(&t.dir("outer/vendor/inner/devstack")), Some(inner));
+    }
+
+    #[test]
+    fn half_a_marker_is_no_checkout_and_the_error_names_the_variable() {
+        let t = TempDir::new("none");
+        t.file("only-cargo/Cargo.toml").file("only-policy/policy/demo.json");
+        assert_eq!(find_root_from(&t.dir("only-cargo/src")), None);
+        assert_eq!(find_root_from(&t.dir("only-policy/policy")), None);
+        // `policy/demo.json` must be a file.
+        t.file("policy-dir/Cargo.toml").dir("policy-dir/policy/demo.json");
+        assert_eq!(find_root_from(&t.0.join("policy-dir")), None);
+        let err = root_at_or_above(&t.0).unwrap_err();
+        assert!(err.contains("DIALTONE_ROOT") && err.contains(&t.0.display().to_string()), "{err}");
+    }
 }

@@ -14,7 +14,10 @@ const USAGE: &str = "usage:
                                         print a Privy-shaped access token signed by the dev key
 
 environment: DIALTONE_PORT (10000), DIALTONE_ADMIN_PORT (9901), DIALTONE_CREDITS_PORT (8081),
-             DIALTONE_UPSTREAM_PORT (8082), DIALTONE_CONCURRENCY (2)";
+             DIALTONE_UPSTREAM_PORT (8082), DIALTONE_CONCURRENCY (2)
+             DIALTONE_ROOT: the dialtone checkout (default: the one holding the current directory);
+             ENVOY_BIN, DIALTONE_WASM, DIALTONE_CREDITS_BIN (default: .venv/bin/envoy,
+             target/wasm32-wasip1/wasm-release/dialtone.wasm, target/release/dialtone-credits in it)";
 
 fn env_u16(var: &str, default: u16) -> Result<u16, String> {
     match std::env::var(var) {

@@ -5,8 +5,8 @@
 //!
 //!     cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds
 //!
-//! Reads `policy/demo.json` and, when present, the derived conformance
-//! corpus `../shared/testdata/derived/es256_privy_conformance.json`.
+//! Reads `policy/demo.json` and the derived conformance corpus
+//! `tests/vectors/derived/es256_privy_conformance.json`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ fn main() {
     policy_config(&corpus.join("policy_config"), &repo);
     credits_answers(&corpus.join("credits_answers"));
     jwks_document(&corpus.join("jwks_document"));
+    es256_differential(&corpus.join("es256_differential"));
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
@@ -72,7 +73,7 @@ fn at(now: i64, token: &str) -> Vec<u8> {
 }
 
 fn privy_verify(dir: &Path, repo: &Path) {
-    let corpus = repo.join("../shared/testdata/derived/es256_privy_conformance.json");
+    let corpus = repo.join("tests/vectors/derived/es256_privy_conformance.json");
     match fs::read(&corpus) {
         Ok(bytes) => {
             let doc: Value = serde_json::from_slice(&bytes).expect("conformance corpus is JSON");
@@ -220,6 +221,12 @@ fn credits_answers(dir: &Path) {
         ("failed", answer(2, 0, 1, "")),
         ("truncated-charged", answer(1, 200, 1, charged)),
         ("empty-account-big-amount", answer(4 | 8, 200, 1, r#"{"account":"","charged":1099511627777,"balance":0}"#)),
+        // Valid JSON that serde_json's Value cannot hold, in members the
+        // parsers skip: taken (fuzz/artifacts-found/README.md).
+        ("lookup-huge-number-in-unknown-member", answer(0, 200, 1, r#"{"account":"did:privy:cm123abc/","key_prefix":"9f8e7d6c","kind":"api_token","scopes":["sms:pi_tsend","contacts_read"],"state":"expired","expire's_at":1e7356816318,"balance":100}"#)),
+        ("debit-lone-surrogate-in-unknown-member", answer(0, 200, 1, &charged.replace("\"replayed\"", "\"x\":\"\\ud800\",\"replayed\""))),
+        ("hold-deep-nesting-in-unknown-member", answer(0, 200, 1, &held.replace("\"replayed\"", &format!("\"x\":{}{},\"replayed\"", "[".repeat(200), "]".repeat(200))))),
+        ("debit-huge-balance", answer(0, 200, 1, &charged.replace("99", "1e400"))),
     ];
     for (name, bytes) in seeds {
         write(dir, name, &bytes);
@@ -270,4 +277,59 @@ fn answer3(flags: u8, status: u16, body: &str) -> Vec<u8> {
     v.extend_from_slice(&status.to_le_bytes());
     v.extend_from_slice(body.as_bytes());
     v
+}
+
+/// `es256_differential` inputs (see the target's doc comment for the layout).
+fn es256_differential(dir: &Path) {
+    let msg = |m: &[u8]| {
+        let mut v = vec![u8::try_from(m.len()).expect("short message")];
+        v.extend_from_slice(m);
+        v
+    };
+    let names = ["0", "1", "n-1", "n", "n+1", "p-n-1", "p-n", "p-n+1", "p-1", "p", "2^256-1", "plus-n"];
+    let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
+    seeds.push(("fixed-key-valid".into(), [vec![0, 0], msg(b"eyJhbGciOiJFUzI1NiJ9.e30"), vec![0]].concat()));
+    // Every boundary, in r and in s.
+    for (i, name) in names.iter().enumerate() {
+        for (slot, which) in [(0u8, "r"), (1, "s")] {
+            let idx = u8::try_from(i).expect("few boundaries");
+            seeds.push((format!("boundary-{which}-{name}"), [vec![0, idx % 4], msg(b"abc"), vec![1, 0, slot, idx]].concat()));
+        }
+    }
+    // The other mutations, one each: bit flip, ± delta, raw bytes, swap, message, other key.
+    let mutations: [(&str, Vec<u8>); 7] = [
+        ("bit-flip", vec![1, 1, 7]),
+        ("delta-up-r", vec![2, 0, 1, 0]),
+        ("delta-down-s", vec![3, 4, 0, 1]),
+        ("raw-r", [vec![4], vec![0xff; 32], vec![0]].concat()),
+        ("swap", vec![5]),
+        ("message-bit", vec![6, 2, 0, 3]),
+        ("other-key", vec![7, 1]),
+    ];
+    for (name, m) in mutations {
+        seeds.push((format!("mutation-{name}"), [vec![0, 1], msg(b"hello"), vec![1], m].concat()));
+    }
+    let key_bytes: Vec<u8> = (1..=32).collect();
+    seeds.push(("key-from-input".into(), [vec![1 | 4], key_bytes.clone(), msg(b"message"), vec![2, 0, 0, 2, 0, 1, 10]].concat()));
+    // x(R) just above n and just below p (r = p − n − 1 if p − 1 is an x).
+    let s_bytes: Vec<u8> = (40..72).collect();
+    for (name, near_p) in [("x-above-n", 0u8), ("x-below-p", 1)] {
+        let fields = [vec![2 | 4, near_p], vec![0; 8], vec![0], s_bytes.clone()].concat();
+        // Mutations: r + n (out of range), then r = p − n − 1 and p − n.
+        seeds.push((format!("r-plus-n-{name}"), [fields, msg(b"r+n"), vec![3, 0, 0, 11, 0, 0, 5, 0, 0, 6]].concat()));
+    }
+    // The accumulator meets the added point at key window j: doubling or
+    // cancellation, over a digest (valid) or over the message (invalid).
+    let u2: Vec<u8> = (100..132).collect();
+    for j in [0u8, 1, 17, 36] {
+        for (kind, cancel) in [("doubling", 0u8), ("cancellation", 1)] {
+            for (over, digest) in [("digest", 1u8), ("message", 0)] {
+                let fields = [vec![3 | (4 * (1 - digest)), j, cancel], u2.clone(), key_bytes.clone(), vec![digest], s_bytes.clone()].concat();
+                seeds.push((format!("{kind}-window-{j}-{over}"), [fields, msg(b"collide"), vec![1, 5]].concat()));
+            }
+        }
+    }
+    for (name, bytes) in seeds {
+        write(dir, &name, &bytes);
+    }
 }

@@ -63,6 +63,12 @@ struct Input {
     /// The upstream's status, `None` for a reset/timeout.
     upstream_status: Option<u16>,
     settlement: [Answer; 2],
+    /// The glue may still fetch the JWKS for an unknown kid (so the
+    /// verifier says UnknownKid instead of trying kid-less pinned keys).
+    refetch_unknown_kid: bool,
+    /// The fingerprint the JWKS cache computed for the fetched keys (any
+    /// value: it only binds cache entries; `None`: computed by `decide`).
+    fetched_fingerprint: Option<u8>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -671,6 +677,7 @@ fn run(input: Input) {
         CookieSpec::Raw(b) => b.clone(),
         CookieSpec::Pairs { before, value, after } => format!("{before}; {PRIVY_COOKIE}={value}; {after}").into_bytes(),
     });
+    let fingerprint = input.fetched_fingerprint.map(|b| [b; 32]);
     let req = Request {
         method: &method,
         path: &path,
@@ -681,6 +688,11 @@ fn run(input: Input) {
         request_id: &input.request_id,
         has_x402_payment: input.x402_payment,
         fetched_keys: if input.fetched { dialtone_fuzz::fetched_keys() } else { &[] },
+        fetched_fingerprint: fingerprint.as_ref(),
+        // With a refetch possible an unknown kid is refused (the glue then
+        // fetches and decides again without it): every Allow of that mode is
+        // one of the other mode too, which `check_privy_verifies` checks.
+        refetch_unknown_kid: input.refetch_unknown_kid,
     };
 
     // The credential the request carries, as the filter will read it.

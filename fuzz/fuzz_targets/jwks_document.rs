@@ -38,10 +38,12 @@ fuzz_target!(|data: &[u8]| {
         timeout_ms: 2000,
         max_bytes,
         unknown_kid_cooldown_seconds: 30,
+        max_stale_seconds: 6 * 3600,
+        max_keys: dialtone::privy_jwt::DEFAULT_MAX_KEYS,
     };
     cache.started(&fetch, 2000, false);
     assert!(cache.in_flight(2000));
-    let result = cache.accept(outcome, max_bytes, 2000);
+    let result = cache.accept(outcome, &fetch, &[0; 32], 2000);
     assert!(!cache.in_flight(2000), "a fetch still in flight after its answer");
     match result {
         Err(e) => {
@@ -50,7 +52,9 @@ fuzz_target!(|data: &[u8]| {
             let kids = |ks: &[dialtone::privy_jwt::EsKey]| ks.iter().map(|k| (k.kid.clone(), k.key)).collect::<Vec<_>>();
             assert_eq!(kids(&cache.keys), kids(fetched_keys()), "a refused document dropped the last good keys");
         }
-        Ok(n) => {
+        Ok(accepted) => {
+            let n = accepted.keys;
+            assert!(n <= fetch.max_keys, "{n} keys taken, over max_keys");
             assert_eq!(flags & 2, 0, "keys from a failed fetch");
             assert!(status == 200 && !truncated && body.len() <= max_bytes, "keys from status {status}");
             assert_eq!(n, cache.keys.len());

@@ -7,13 +7,24 @@
 //! promise the README makes about validation; and the loaded config is then
 //! driven through `decide` (no credential, the admin key, an API key) for
 //! one request per route, every refusal rendered and checked.
+//!
+//! The other way: from the same input, a valid configuration is built
+//! (every documented member present or left to its default, values inside
+//! their documented ranges, up to six routes of every kind that cannot
+//! shadow each other, x402 offers, the admin key in the config and/or the
+//! environment, Privy with a pinned key, a JWKS and/or a JWKS fetch, its
+//! `max_keys` and the fetch's `max_stale_seconds`) and
+//! must load, with exactly those values, and then pass the checks above.
 #![no_main]
 
 use dialtone::decision::{self, Decision, Request};
 use dialtone::identity::AuthMethod;
 use dialtone::policy::path::{PathMatcher, Segment};
-use dialtone::policy::{Config, Route};
-use dialtone_fuzz::{check_denial, sha256};
+use dialtone::policy::{
+    Charge, Config, JwksFetch, RateLimit, Route, Unmatched, X402Accept, X402Offer, DEFAULT_JWKS_MAX_STALE_SECS,
+};
+use dialtone::privy_jwt::{DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT};
+use dialtone_fuzz::{check_denial, jwks, pem_public_key, sha256, Choices, VISIBLE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(!errs.to_string().is_empty());
         }
     }
+    valid_config_is_accepted(&mut Choices::new(data));
 });
 
 fn visible(s: &str) -> bool {
@@ -142,6 +154,8 @@ fn check_route(cfg: &Config, i: usize, r: &Route, env: Option<&str>) {
             request_id: "req-1",
             has_x402_payment: false,
             fetched_keys: &[],
+            fetched_fingerprint: None,
+            refetch_unknown_kid: false,
         };
         match decision::decide(cfg, &req, 1_700_000_000) {
             Decision::Deny(d) => {
@@ -170,4 +184,396 @@ fn check_route(cfg: &Config, i: usize, r: &Route, env: Option<&str>) {
             }
         }
     }
+}
+
+// --- the other way: valid configurations load --------------------------------
+
+const NAME: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_-";
+const PATH: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_-./";
+const DIGITS: &[u8] = b"0123456789";
+
+/// An optional number member: absent (its default) or a value in `lo..=hi`
+/// (often an end of the range).
+fn number(c: &mut Choices, members: &mut Vec<(&'static str, String)>, name: &'static str, default: u64, lo: u64, hi: u64) -> u64 {
+    if !c.bool() {
+        return default;
+    }
+    let v = match c.below(4) {
+        0 => lo,
+        1 => hi,
+        _ => lo + c.u64() % (hi - lo + 1),
+    };
+    members.push((name, v.to_string()));
+    v
+}
+
+fn service_path(c: &mut Choices, members: &mut Vec<(&'static str, String)>, name: &'static str, default: &str) -> String {
+    if !c.bool() {
+        return default.into();
+    }
+    let p = format!("/{}", c.text(PATH, 0, 30));
+    members.push((name, c.json_string(&p)));
+    p
+}
+
+fn flag(c: &mut Choices, members: &mut Vec<(&'static str, String)>, name: &'static str) -> bool {
+    if !c.bool() {
+        return false;
+    }
+    let v = c.bool();
+    members.push((name, v.to_string()));
+    v
+}
+
+/// One x402 payment option, valid, and what it loads as.
+fn x402_accept(c: &mut Choices) -> (String, X402Accept) {
+    let mut amount = c.text(DIGITS, 1, 30);
+    if amount.bytes().all(|b| b == b'0') {
+        amount.push('7');
+    }
+    let want = X402Accept {
+        scheme: c.pick(&["exact", "upto", "x"]).to_owned(),
+        network: format!("{}:{}", c.pick(&["eip155", "solana", "fuzz-1"]), c.text(DIGITS, 1, 12)),
+        amount,
+        asset: c.text(VISIBLE, 1, 42),
+        pay_to: c.text(VISIBLE, 1, 42),
+        max_timeout_seconds: 1 + c.u64() % 86_400,
+        extra: if c.bool() { Some(serde_json::json!({"name": "USDC", "version": "2"})) } else { None },
+    };
+    let mut members = vec![
+        ("scheme", c.json_string(&want.scheme)),
+        ("network", c.json_string(&want.network)),
+        ("amount", c.json_string(&want.amount)),
+        ("asset", c.json_string(&want.asset)),
+        ("payTo", c.json_string(&want.pay_to)),
+        ("maxTimeoutSeconds", want.max_timeout_seconds.to_string()),
+    ];
+    if let Some(extra) = &want.extra {
+        members.push(("extra", extra.to_string()));
+    }
+    (c.json_object(members), want)
+}
+
+/// Route `i`, valid, and what it loads as. Every path of route `i` starts
+/// with `/r<i>/`, so no route can shadow another.
+fn route(c: &mut Choices, i: usize) -> (String, Route) {
+    let mut m: Vec<(&'static str, String)> = Vec::new();
+    let name = format!("r{i}.{}", c.text(NAME, 0, 40));
+    m.push(("name", c.json_string(&name)));
+    let methods = c.bool().then(|| {
+        let all = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "PURGE"];
+        let mut ms: Vec<String> = Vec::new();
+        for _ in 0..1 + c.below(4) {
+            let method = c.pick(&all);
+            if !ms.iter().any(|x| x == method) {
+                ms.push(method.into());
+            }
+        }
+        ms
+    });
+    if let Some(ms) = &methods {
+        let list: Vec<String> = ms.iter().map(|x| format!("\"{x}\"")).collect();
+        m.push(("methods", format!("[{}]", list.join(","))));
+    }
+    let base = format!("/r{i}/");
+    let (path_json, path) = match c.below(3) {
+        0 => {
+            let p = format!("{base}{}", c.text(PATH, 0, 20));
+            (format!("{{\"exact\":{}}}", c.json_string(&p)), PathMatcher::Exact(p))
+        }
+        1 => {
+            let p = format!("{base}{}", c.text(PATH, 0, 20));
+            (format!("{{\"prefix\":{}}}", c.json_string(&p)), PathMatcher::Prefix(p))
+        }
+        _ => {
+            let mut segs = vec![Segment::Literal(format!("r{i}"))];
+            let mut text = format!("/r{i}");
+            for j in 0..1 + c.below(4) {
+                if c.bool() {
+                    let var = format!("{}{j}", c.pick(&["id", "_", "Key", "v"]));
+                    text.push_str(&format!("/{{{var}}}"));
+                    segs.push(Segment::Variable(var));
+                } else {
+                    let lit = c.text(b"abcdefghijklmnopqrstuvwxyz0123456789_-.", 1, 12);
+                    text.push_str(&format!("/{lit}"));
+                    segs.push(Segment::Literal(lit));
+                }
+            }
+            if c.bool() {
+                text.push('/');
+                segs.push(Segment::Literal(String::new()));
+            }
+            (format!("{{\"template\":{}}}", c.json_string(&text)), PathMatcher::Template(segs))
+        }
+    };
+    m.push(("path", path_json));
+    let charge = match c.below(3) {
+        0 => Charge::OnSuccess,
+        1 => {
+            m.push(("charge", "\"on_success\"".into()));
+            Charge::OnSuccess
+        }
+        _ => {
+            m.push(("charge", "\"up_front\"".into()));
+            Charge::UpFront
+        }
+    };
+    let scope_text = |c: &mut Choices| c.text(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.-", 1, 128);
+    let mut want = Route { name, methods, path, scope: None, cost: 0, public: false, credits: false, x402: None, charge };
+    match c.below(3) {
+        // Public: no credential, nothing charged.
+        0 => {
+            m.push(("public", "true".into()));
+            want.public = true;
+        }
+        // Paid (or free) with credits, maybe x402 too.
+        1 => {
+            want.credits = true;
+            want.cost = match c.below(3) {
+                0 => 0,
+                1 => 1 + u64::from(c.byte()),
+                _ => c.u64(),
+            };
+            if want.cost > 0 || c.bool() {
+                m.push(("cost", want.cost.to_string()));
+            }
+            if want.cost > 0 || c.bool() {
+                let scope = scope_text(c);
+                m.push(("scope", c.json_string(&scope)));
+                want.scope = Some(scope);
+            }
+            match c.below(4) {
+                0 => {}
+                1 => m.push(("payment", "[\"credits\"]".into())),
+                _ => {
+                    let order = c.pick(&["[\"credits\",\"x402\"]", "[\"x402\",\"credits\"]"]);
+                    m.push(("payment", order.into()));
+                    want.x402 = Some(x402_offer(c, &mut m));
+                }
+            }
+            if c.bool() {
+                m.push(("public", "false".into()));
+            }
+        }
+        // x402 only.
+        _ => {
+            m.push(("payment", "[\"x402\"]".into()));
+            if c.bool() {
+                m.push(("cost", "0".into()));
+            }
+            if c.bool() {
+                let scope = scope_text(c);
+                m.push(("scope", c.json_string(&scope)));
+                want.scope = Some(scope);
+            }
+            want.x402 = Some(x402_offer(c, &mut m));
+        }
+    }
+    (c.json_object(m), want)
+}
+
+fn x402_offer(c: &mut Choices, m: &mut Vec<(&'static str, String)>) -> X402Offer {
+    let mut x: Vec<(&'static str, String)> = Vec::new();
+    let description = if c.bool() {
+        let d = c.text(VISIBLE, 0, 40);
+        x.push(("description", c.json_string(&d)));
+        d
+    } else {
+        String::new()
+    };
+    let mime_type = if c.bool() {
+        let t = c.pick(&["application/json", "text/plain", "image/png"]).to_owned();
+        x.push(("mime_type", c.json_string(&t)));
+        t
+    } else {
+        "application/json".into()
+    };
+    let mut accepts = Vec::new();
+    let mut texts = Vec::new();
+    for _ in 0..1 + c.below(3) {
+        let (text, a) = x402_accept(c);
+        texts.push(text);
+        accepts.push(a);
+    }
+    x.push(("accepts", format!("[{}]", texts.join(","))));
+    m.push(("x402", c.json_object(x)));
+    X402Offer { description, mime_type, accepts }
+}
+
+/// Builds a valid configuration from `c` and checks that it loads as built.
+fn valid_config_is_accepted(c: &mut Choices) {
+    let mut top: Vec<(&'static str, String)> = Vec::new();
+
+    let mut svc: Vec<(&'static str, String)> = Vec::new();
+    let cluster = c.text(VISIBLE, 1, 40);
+    svc.push(("cluster", c.json_string(&cluster)));
+    let authority = if c.bool() {
+        let a = c.text(VISIBLE, 1, 40);
+        svc.push(("authority", c.json_string(&a)));
+        a
+    } else {
+        cluster.clone()
+    };
+    let timeout_ms = number(c, &mut svc, "timeout_ms", 1000, 1, 60_000);
+    let lookup_path = service_path(c, &mut svc, "lookup_path", "/v1/keys/lookup");
+    let debit_path = service_path(c, &mut svc, "debit_path", "/v1/debit");
+    let max_response_bytes = number(c, &mut svc, "max_response_bytes", 64 * 1024, 1024, 1024 * 1024);
+    let holds_path = service_path(c, &mut svc, "holds_path", "/v1/holds");
+    let ratelimit_path = service_path(c, &mut svc, "ratelimit_path", "/v1/ratelimit");
+    let hold_ttl_seconds = number(c, &mut svc, "hold_ttl_seconds", 300, 1, 3600);
+    let key_cache_ttl_ms = number(c, &mut svc, "key_cache_ttl_ms", 500, 0, 1000);
+    let key_cache_entries = number(c, &mut svc, "key_cache_entries", 1024, 0, 65_536);
+    top.push(("credits_service", c.json_object(svc)));
+
+    let mut admin_digests = Vec::new();
+    if c.bool() {
+        let digest: [u8; 32] = std::array::from_fn(|_| c.byte());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = if c.bool() { hex.to_ascii_uppercase() } else { hex };
+        top.push(("admin_key_sha256", c.json_string(&hex)));
+        admin_digests.push(digest);
+    }
+    let env = c.bool().then(|| c.text(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/", 16, 64));
+    if let Some(k) = &env {
+        admin_digests.push(sha256(k.as_bytes()));
+    }
+
+    let privy = c.bool().then(|| {
+        let mut p: Vec<(&'static str, String)> = Vec::new();
+        let app_id = c.text(VISIBLE, 1, 40);
+        p.push(("app_id", c.json_string(&app_id)));
+        let issuer = if c.bool() {
+            let i = c.text(VISIBLE, 1, 40);
+            p.push(("issuer", c.json_string(&i)));
+            i
+        } else {
+            "privy.io".to_owned()
+        };
+        let leeway = number(c, &mut p, "leeway_seconds", 60, 0, 600) as i64;
+        let accept_cookie = flag(c, &mut p, "accept_cookie");
+        let token_cache_entries = number(c, &mut p, "token_cache_entries", 1024, 0, 65_536) as usize;
+        // Key sources (at least one): each pinned source builds a key table.
+        let (mut pem, jwks_doc, mut fetch) = (c.bool(), c.byte() < 64, c.bool());
+        if !pem && !jwks_doc && !fetch {
+            if c.bool() { pem = true } else { fetch = true }
+        }
+        // Room for the pinned JWKS's two ES256 keys.
+        let max_keys = number(c, &mut p, "max_keys", DEFAULT_MAX_KEYS as u64, if jwks_doc { 2 } else { 1 }, MAX_KEYS_LIMIT as u64) as usize;
+        let mut keys = 0;
+        if pem {
+            p.push(("verification_key", c.json_string(&pem_public_key())));
+            keys += 1;
+        }
+        if jwks_doc {
+            p.push(("jwks", jwks().to_string()));
+            keys += 2;
+        }
+        let jwks_fetch = fetch.then(|| {
+            let mut f: Vec<(&'static str, String)> = Vec::new();
+            let cluster = c.text(VISIBLE, 1, 40);
+            f.push(("cluster", c.json_string(&cluster)));
+            let authority = if c.bool() {
+                let a = c.text(VISIBLE, 1, 40);
+                f.push(("authority", c.json_string(&a)));
+                a
+            } else {
+                cluster.clone()
+            };
+            let path = format!("/{}", c.text(PATH, 0, 40));
+            f.push(("path", c.json_string(&path)));
+            let refresh_seconds = number(c, &mut f, "refresh_seconds", 300, 10, 86_400);
+            let want = JwksFetch {
+                cluster,
+                authority,
+                path,
+                refresh_seconds,
+                timeout_ms: number(c, &mut f, "timeout_ms", 2000, 1, 60_000),
+                max_bytes: number(c, &mut f, "max_bytes", 64 * 1024, 1024, 1024 * 1024) as usize,
+                unknown_kid_cooldown_seconds: number(c, &mut f, "unknown_kid_cooldown_seconds", 30, 1, 3600),
+                // Longer than a refresh, at most a week; by default 6 h or 4 refreshes.
+                max_stale_seconds: number(
+                    c,
+                    &mut f,
+                    "max_stale_seconds",
+                    DEFAULT_JWKS_MAX_STALE_SECS.max(4 * refresh_seconds),
+                    60.max(refresh_seconds + 1),
+                    7 * 86_400,
+                ),
+                max_keys,
+            };
+            p.push(("jwks_fetch", c.json_object(f)));
+            want
+        });
+        top.push(("privy", c.json_object(p)));
+        (app_id, issuer, leeway, accept_cookie, token_cache_entries, keys, jwks_fetch)
+    });
+
+    let unmatched = match c.below(3) {
+        0 => Unmatched::Deny,
+        1 => {
+            top.push(("unmatched", "\"deny\"".into()));
+            Unmatched::Deny
+        }
+        _ => {
+            top.push(("unmatched", "\"allow\"".into()));
+            Unmatched::Allow
+        }
+    };
+    let forward_authorization = flag(c, &mut top, "forward_authorization");
+    let max_token_bytes = number(c, &mut top, "max_token_bytes", 4096, 256, 16 * 1024) as usize;
+    let rate_limit = c.bool().then(|| {
+        let mut r: Vec<(&'static str, String)> = Vec::new();
+        let requests = 1 + c.u64() % 1_000_000;
+        r.push(("requests", requests.to_string()));
+        let window_seconds = 1 + c.u64() % 86_400;
+        r.push(("window_seconds", window_seconds.to_string()));
+        let burst = number(c, &mut r, "burst", requests, 1, 1_000_000);
+        top.push(("rate_limit", c.json_object(r)));
+        RateLimit { requests, window_seconds, burst: Some(burst) }
+    });
+
+    let mut texts = Vec::new();
+    let mut routes = Vec::new();
+    for i in 0..1 + c.below(6) {
+        let (text, r) = route(c, i);
+        texts.push(text);
+        routes.push(r);
+    }
+    top.push(("routes", format!("[{}]", texts.join(","))));
+    let json = c.json_object(top);
+
+    let cfg = Config::from_json(json.as_bytes(), env.as_deref())
+        .unwrap_or_else(|e| panic!("a valid config was refused: {e}\n{json}\nenv: {env:?}"));
+    let s = &cfg.service;
+    assert_eq!(
+        (&s.cluster, &s.authority, s.timeout_ms, &s.lookup_path, &s.debit_path, s.max_response_bytes as u64),
+        (&cluster, &authority, timeout_ms, &lookup_path, &debit_path, max_response_bytes),
+        "{json}"
+    );
+    assert_eq!(s.holds_path, holds_path.trim_end_matches('/'), "{json}");
+    assert_eq!(
+        (&s.ratelimit_path, s.hold_ttl_seconds, s.key_cache_ttl_ms, s.key_cache_entries as u64),
+        (&ratelimit_path, hold_ttl_seconds, key_cache_ttl_ms, key_cache_entries),
+        "{json}"
+    );
+    assert_eq!(cfg.admin_digests, admin_digests, "{json}");
+    match (&cfg.privy, &privy) {
+        (None, None) => {}
+        (Some(got), Some((app_id, issuer, leeway, accept_cookie, token_cache_entries, keys, jwks_fetch))) => {
+            let v = &got.verifier;
+            assert_eq!((&v.app_id, &v.issuer, v.leeway_secs), (app_id, issuer, *leeway), "{json}");
+            assert_eq!((got.accept_cookie, got.token_cache_entries, v.keys.len()), (*accept_cookie, *token_cache_entries, *keys), "{json}");
+            assert_eq!(&got.jwks_fetch, jwks_fetch, "{json}");
+        }
+        (got, want) => panic!("privy loaded as {got:?}, built {want:?}: {json}"),
+    }
+    assert_eq!((cfg.unmatched, cfg.forward_authorization, cfg.max_token_bytes), (unmatched, forward_authorization, max_token_bytes), "{json}");
+    assert_eq!(cfg.rate_limit, rate_limit, "{json}");
+    assert_eq!(cfg.routes.len(), routes.len(), "{json}");
+    for (got, want) in cfg.routes.iter().zip(&routes) {
+        assert_eq!((&got.name, &got.methods, &got.path, &got.scope), (&want.name, &want.methods, &want.path, &want.scope), "{json}");
+        assert_eq!((got.cost, got.public, got.credits, got.charge), (want.cost, want.public, want.credits, want.charge), "{json}");
+        assert_eq!(got.x402, want.x402, "{json}");
+    }
+    check_config(&cfg, env.as_deref());
 }

@@ -18,10 +18,17 @@ pub use plugin::{CallAnswer, HttpStream, Outcome, Plugin, PluginOptions, StartEr
 
 use std::path::PathBuf;
 
-/// Where the built filter is: `$DIALTONE_WASM`, else the workspace's
-/// `target/wasm32-wasip1/wasm-release/dialtone.wasm` (built by `make wasm`).
-pub fn default_wasm_path() -> PathBuf {
-    std::env::var_os("DIALTONE_WASM").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/wasm-release/dialtone.wasm")
-    })
+/// Where `make wasm` leaves the filter, relative to the checkout.
+pub const BUILT_WASM: &str = "target/wasm32-wasip1/wasm-release/dialtone.wasm";
+
+/// Where the built filter is when none is named: `$DIALTONE_WASM`, else
+/// [`BUILT_WASM`] in the dialtone checkout (`$DIALTONE_ROOT`, else the one
+/// holding the current directory). Never the tree the harness was built in.
+pub fn default_wasm_path() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("DIALTONE_WASM").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    dialtone_devstack::repo_root()
+        .map(|root| root.join(BUILT_WASM))
+        .map_err(|e| format!("no --wasm FILE or DIALTONE_WASM given, and {e}"))
 }

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use dialtone_harness::{cases, default_wasm_path, Wasm};
 
 const USAGE: &str = "usage: dialtone-harness run [--wasm FILE] [--verbose] CASES.yaml...
-  --wasm FILE   the filter to test (default: $DIALTONE_WASM, else target/wasm32-wasip1/wasm-release/dialtone.wasm)
+  --wasm FILE   the filter to test (default: $DIALTONE_WASM, else target/wasm32-wasip1/wasm-release/dialtone.wasm
+                in the dialtone checkout: $DIALTONE_ROOT, else the one holding the current directory)
   --verbose     print the filter's log lines for every case, not only failing ones
 case file format: docs/case-files.md";
 
@@ -43,7 +44,13 @@ fn main() -> ExitCode {
         eprintln!("no case files given\n{USAGE}");
         return ExitCode::from(2);
     }
-    let wasm_path = wasm_path.unwrap_or_else(default_wasm_path);
+    let wasm_path = match wasm_path.map_or_else(default_wasm_path, Ok) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     let wasm = match Wasm::from_file(&wasm_path) {
         Ok(w) => w,
         Err(e) => {

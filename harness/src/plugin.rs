@@ -259,6 +259,34 @@ impl Plugin {
         self.store.data().shared_data.get(key).map(|(v, _)| v.clone())
     }
 
+    /// Writes a shared-data entry as another VM with the same `vm_id` would
+    /// (another worker of this Envoy, another plugin, an older build): the
+    /// compare-and-swap counter moves on, as in Envoy.
+    pub fn set_shared_data(&mut self, key: &str, value: &[u8]) {
+        let data = &mut self.store.data_mut().shared_data;
+        let cas = data.get(key).map_or(1, |(_, cas)| cas.wrapping_add(1));
+        data.insert(key.to_owned(), (value.to_vec(), cas));
+    }
+
+    /// Every shared-data entry, sorted by key (to copy one VM's writes into
+    /// another's view, as two workers of one Envoy see one store).
+    pub fn shared_entries(&self) -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<_> = self.store.data().shared_data.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+        all.sort();
+        all
+    }
+
+    /// Hands the root context a new plugin configuration, as a host may on
+    /// a config update (`proxy_on_configure` again on the same VM). Returns
+    /// whether the filter took it.
+    pub fn reconfigure(&mut self, configuration: impl Into<Vec<u8>>) -> Result<bool> {
+        self.store.data_mut().plugin_configuration = configuration.into();
+        let size = self.store.data().plugin_configuration.len() as i32;
+        let f = self.exports.on_configure.clone();
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        self.guard(|s| f.call(s, (ROOT_CONTEXT as i32, size))).map(|ok| ok != 0)
+    }
+
     /// The guest's stdout/stderr (WASI fd 1 and 2).
     pub fn stdio(&self) -> (String, String) {
         let st = self.store.data();

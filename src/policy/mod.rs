@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
 /// The longest a key lookup may be reused: the revocation delay's bound.
 pub const MAX_KEY_CACHE_TTL_MS: u64 = 1000;
+/// Fetched JWKS keys are dropped after this long without a good fetch,
+/// unless the policy says otherwise (`privy.jwks_fetch.max_stale_seconds`).
+pub const DEFAULT_JWKS_MAX_STALE_SECS: u64 = 6 * 3600;
 /// Per cache, per VM (a few hundred bytes each).
 pub const MAX_CACHE_ENTRIES: usize = 65_536;
 
@@ -68,6 +71,9 @@ pub struct JwksFetch {
     pub timeout_ms: u64,
     pub max_bytes: usize,
     pub unknown_kid_cooldown_seconds: u64,
+    pub max_stale_seconds: u64,
+    /// At most this many keys in a fetched document (`privy.max_keys`).
+    pub max_keys: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -341,6 +347,10 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         if p.token_cache_entries > MAX_CACHE_ENTRIES {
             err("$.privy.token_cache_entries".into(), format!("must be between 0 and {MAX_CACHE_ENTRIES}"));
         }
+        let max_keys = p.max_keys.clamp(1, privy_jwt::MAX_KEYS_LIMIT);
+        if max_keys != p.max_keys {
+            err("$.privy.max_keys".into(), format!("must be between 1 and {}", privy_jwt::MAX_KEYS_LIMIT));
+        }
         if let Some(pem) = &p.verification_key {
             match privy_jwt::key_from_pem(pem) {
                 Ok(k) => keys.push(k),
@@ -348,7 +358,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             }
         }
         if let Some(jwks) = &p.jwks {
-            match privy_jwt::keys_from_jwks(jwks) {
+            match privy_jwt::keys_from_jwks(jwks, max_keys) {
                 Ok(ks) => keys.extend(ks),
                 Err(e) => err("$.privy.jwks".into(), e.to_string()),
             }
@@ -376,6 +386,15 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             if !(1..=3600).contains(&f.unknown_kid_cooldown_seconds) {
                 err(at("unknown_kid_cooldown_seconds"), "must be between 1 and 3600".into());
             }
+            let max_stale_seconds =
+                f.max_stale_seconds.unwrap_or(DEFAULT_JWKS_MAX_STALE_SECS.max(f.refresh_seconds.saturating_mul(4)));
+            if !(60..=7 * 86_400).contains(&max_stale_seconds) || max_stale_seconds <= f.refresh_seconds {
+                err(
+                    at("max_stale_seconds"),
+                    "must be between 60 and 604800, and longer than refresh_seconds (a refresh must be able to succeed first)"
+                        .into(),
+                );
+            }
             JwksFetch {
                 cluster: f.cluster.clone(),
                 authority: f.authority.clone().unwrap_or_else(|| f.cluster.clone()),
@@ -384,6 +403,8 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 timeout_ms: f.timeout_ms,
                 max_bytes: f.max_bytes,
                 unknown_kid_cooldown_seconds: f.unknown_kid_cooldown_seconds,
+                max_stale_seconds,
+                max_keys,
             }
         });
         if p.verification_key.is_none() && p.jwks.is_none() && jwks_fetch.is_none() {

@@ -157,6 +157,16 @@ pub struct RawPrivy {
     /// every request.
     #[serde(default = "default_cache_entries")]
     pub token_cache_entries: usize,
+    /// The most ES256 keys taken from one JWKS (the pinned `jwks`, and each
+    /// fetched document): a bigger set is refused. Each key costs a
+    /// 152 KB table per VM, and a token without `kid` is tried against at
+    /// most 3 keys.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    crate::privy_jwt::DEFAULT_MAX_KEYS
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +188,12 @@ pub struct RawJwksFetch {
     /// At most one fetch for an unknown `kid` per this many seconds.
     #[serde(default = "default_jwks_cooldown")]
     pub unknown_kid_cooldown_seconds: u64,
+    /// Fetched keys are dropped (and counted) when no fetch has succeeded
+    /// for this long: a key the issuer removed must not stay trusted while
+    /// every refetch fails. Pinned keys are never dropped. Default: 6 hours,
+    /// or 4 × `refresh_seconds` if that is longer.
+    #[serde(default)]
+    pub max_stale_seconds: Option<u64>,
 }
 
 fn default_jwks_refresh() -> u64 {

@@ -21,7 +21,7 @@ pub const API_KEY_PREFIX: &str = "abc12345";
 pub fn wasm() -> &'static Wasm {
     static WASM: OnceLock<Wasm> = OnceLock::new();
     WASM.get_or_init(|| {
-        let path = default_wasm_path();
+        let path = default_wasm_path().unwrap_or_else(|e| panic!("{e}"));
         Wasm::from_file(&path).unwrap_or_else(|e| panic!("{} must be built first (`make wasm`): {e:#}", path.display()))
     })
 }

@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack};
 use serde_json::{json, Value};
@@ -147,14 +149,16 @@ impl Resp {
 pub fn raw_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> Resp {
     let mut s = send_request(port, method, path, headers, body);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        panic!("{method} {path} on port {port}: reading the response: {e}; got {:?}", String::from_utf8_lossy(&raw));
+    }
     parse_response(&raw)
 }
 
 /// Connects and writes the request (`connection: close`).
 fn send_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req: Vec<u8> = format!("{method} {path} HTTP/1.1\r\nhost: dialtone.test\r\nconnection: close\r\n").into_bytes();
     for (k, v) in headers {
         req.extend_from_slice(k.as_bytes());
@@ -191,7 +195,7 @@ pub fn raw_request_complete(port: u16, method: &str, path: &str, headers: &[(&st
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            Err(e) => panic!("reading the response: {e}"),
+            Err(e) => panic!("{method} {path} on port {port}: reading the response: {e}; got {:?}", String::from_utf8_lossy(&raw)),
         }
     }
     parse_response(&raw)
@@ -268,89 +272,287 @@ pub enum Fault {
     Reset,
 }
 
-/// A fault-injecting stand-in bound where the key/credits service was. It
-/// exists only to script failures a real service will not produce on demand.
+/// A scripted answer: `answer(path, lower-cased request head)` → status and JSON body.
+pub type Answer = Arc<dyn Fn(&str, &str) -> (u16, Vec<u8>) + Send + Sync>;
+
+/// What a [`FaultServer`] answers: a fault, or a scripted answer per request.
+#[derive(Clone)]
+pub enum Behaviour {
+    Fault(Fault),
+    Answer(Answer),
+}
+
+impl Behaviour {
+    pub fn answer(f: impl Fn(&str, &str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> Behaviour {
+        Behaviour::Answer(Arc::new(f))
+    }
+}
+
+/// How long a port another socket still holds may keep us waiting (a
+/// listener being torn down, a parallel test's port probe): a failure
+/// deadline, not a pace.
+const BIND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Binds `127.0.0.1:port`, retrying while another socket holds it.
+pub fn bind_retrying(port: u16) -> TcpListener {
+    let start = Instant::now();
+    loop {
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => return l,
+            Err(e) if start.elapsed() > BIND_DEADLINE => panic!("port {port} still taken after {BIND_DEADLINE:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A scripted stand-in bound where the key/credits service (or another
+/// process of the stack) was: it exists only to script failures a real
+/// service will not produce on demand. One listener for its whole life:
+/// change what it answers with [`FaultServer::set`] instead of binding the
+/// port again. Counts the requests it read, by path.
 pub struct FaultServer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     port: u16,
+    behaviour: Arc<Mutex<Behaviour>>,
+    hits: Arc<Mutex<Vec<String>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FaultServer {
+    /// Takes `port` (waiting while another socket lets go of it) and answers with `fault`.
     pub fn start(port: u16, fault: Fault) -> FaultServer {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::spawn(move || {
+        Self::with(port, Behaviour::Fault(fault))
+    }
+
+    /// Takes `port` and answers every request with `answer(path, head)`.
+    pub fn answering(port: u16, answer: impl Fn(&str, &str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> FaultServer {
+        Self::with(port, Behaviour::answer(answer))
+    }
+
+    pub fn with(port: u16, behaviour: Behaviour) -> FaultServer {
+        let listener = bind_retrying(port);
+        let stop = Arc::new(AtomicBool::new(false));
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let (flag, current, log) = (stop.clone(), behaviour.clone(), hits.clone());
+        let accept = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(mut conn) = conn else { continue };
+                let (current, log) = (current.clone(), log.clone());
                 std::thread::spawn(move || {
-                    let _ = read_request(&mut conn);
-                    let reply = |status: &str, body: &[u8]| {
-                        let mut out = format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                    let Some((path, head)) = read_request(&mut conn) else { return };
+                    log.lock().unwrap().push(path.clone());
+                    let behaviour = current.lock().unwrap().clone();
+                    let reply = |status: u16, body: &[u8]| {
+                        let mut out = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
                         out.extend_from_slice(body);
                         out
                     };
-                    let bytes = match fault {
-                        Fault::Slow(d) => {
-                            std::thread::sleep(d);
-                            reply("200 OK", br#"{"error":"too late"}"#)
+                    let bytes = match behaviour {
+                        Behaviour::Answer(answer) => {
+                            let (status, body) = answer(&path, &head);
+                            reply(status, &body)
                         }
-                        Fault::ServerError => reply("500 Internal Server Error", br#"{"error":"internal"}"#),
-                        Fault::Garbage => reply("200 OK", b"<html>definitely not json</html>"),
-                        Fault::Huge(n) => {
+                        Behaviour::Fault(Fault::Slow(d)) => {
+                            std::thread::sleep(d);
+                            reply(200, br#"{"error":"too late"}"#)
+                        }
+                        Behaviour::Fault(Fault::ServerError) => reply(500, br#"{"error":"internal"}"#),
+                        Behaviour::Fault(Fault::Garbage) => reply(200, b"<html>definitely not json</html>"),
+                        Behaviour::Fault(Fault::Huge(n)) => {
                             let mut body = br#"{"account":"did:privy:x","pad":""#.to_vec();
                             body.resize(n, b'a');
                             body.extend_from_slice(br#""}"#);
-                            reply("200 OK", &body)
+                            reply(200, &body)
                         }
-                        Fault::Reset => Vec::new(),
+                        Behaviour::Fault(Fault::Reset) => Vec::new(),
                     };
                     let _ = conn.write_all(&bytes);
                 });
             }
         });
-        FaultServer { stop, port }
+        FaultServer { stop, port, behaviour, hits, accept: Some(accept) }
+    }
+
+    /// Answers the next requests with `fault`.
+    pub fn set(&self, fault: Fault) {
+        *self.behaviour.lock().unwrap() = Behaviour::Fault(fault);
+    }
+
+    /// Answers the next requests with `answer(path, head)`.
+    pub fn set_answer(&self, answer: impl Fn(&str, &str) -> (u16, Vec<u8>) + Send + Sync + 'static) {
+        *self.behaviour.lock().unwrap() = Behaviour::answer(answer);
+    }
+
+    /// Requests read so far for `path`.
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().iter().filter(|p| *p == path).count()
+    }
+
+    /// Requests read so far, any path.
+    pub fn requests(&self) -> usize {
+        self.hits.lock().unwrap().len()
     }
 }
 
 impl Drop for FaultServer {
+    /// Returns once the listener is closed: the port refuses connections
+    /// (or is free for the next owner) when this returns.
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag and releases the port.
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag and drops the listener.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
     }
 }
 
-fn read_request(conn: &mut TcpStream) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// Reads one request (head and `content-length` body); returns its path and
+/// its head, lower-cased.
+fn read_request(conn: &mut TcpStream) -> Option<(String, String)> {
+    // A failure deadline only: Envoy writes the request as soon as it connects.
+    conn.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = conn.read(&mut chunk)?;
+        let n = conn.read(&mut chunk).ok()?;
         if n == 0 {
-            return Ok(());
+            return None;
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+            let head = head.to_ascii_lowercase();
             let len: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
                 .unwrap_or(0);
             while buf.len() < end + 4 + len {
-                let n = conn.read(&mut chunk)?;
+                let n = conn.read(&mut chunk).ok()?;
                 if n == 0 {
                     break;
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            return Ok(());
+            return Some((path, head));
         }
+    }
+}
+
+/// Polls `check` until it gives a value; panics after `limit` (a failure
+/// deadline: on a healthy machine the event comes long before), saying
+/// what never happened and, from `state`, how things stood.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>, state: impl Fn() -> String) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("{what}: not after {limit:?}; {}", state());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until nothing accepts connections on `127.0.0.1:port` (a killed
+/// process's listener is gone).
+pub fn wait_until_refused(port: u16) {
+    wait_for(
+        &format!("port {port} refusing connections"),
+        Duration::from_secs(30),
+        || TcpStream::connect(("127.0.0.1", port)).is_err().then_some(()),
+        String::new,
+    );
+}
+
+/// The key lookup cache's TTL in a plugin config (the filter's default: 500 ms).
+pub fn key_cache_ttl(plugin_config: &Value) -> Duration {
+    Duration::from_millis(plugin_config["credits_service"]["key_cache_ttl_ms"].as_u64().unwrap_or(500))
+}
+
+/// How much later than a cache entry's TTL a request must reach the filter
+/// to be sure the entry is gone (or earlier, to be sure it is still there):
+/// the filter compares whole milliseconds.
+pub const CACHE_CLOCK_SLACK: Duration = Duration::from_millis(2);
+
+/// Returns once every key lookup answered before `looked_up` has left the
+/// VMs' caches: `key_cache_ttl_ms` after it (the bound the revocation test
+/// proves), measured from the last lookup, not from a later event.
+pub fn wait_out_key_cache(looked_up: Instant, plugin_config: &Value) {
+    let until = looked_up + key_cache_ttl(plugin_config) + CACHE_CLOCK_SLACK;
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+}
+
+/// One HTTP/1.1 keep-alive connection: every request on it reaches the same
+/// Envoy worker, so the same wasm VM and its caches.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(port: u16) -> Conn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Conn { stream, buf: Vec::new() }
+    }
+
+    /// Sends a request without a body and reads the whole response.
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut req = format!("GET {path} HTTP/1.1\r\nhost: dialtone.test\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.stream.write_all(req.as_bytes()).unwrap();
+        self.read_response()
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).unwrap_or_else(|e| panic!("reading the response: {e}"));
+        assert!(n > 0, "the connection closed mid-response: {:?}", String::from_utf8_lossy(&self.buf));
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    fn read_response(&mut self) -> Resp {
+        let end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            self.fill();
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+        let body_at = end + 4;
+        let total = if let Some(len) =
+            head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()))
+        {
+            while self.buf.len() < body_at + len {
+                self.fill();
+            }
+            body_at + len
+        } else if head.contains("transfer-encoding: chunked") {
+            loop {
+                if let Some(done) = self.buf[body_at..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break body_at + done + 5;
+                }
+                self.fill();
+            }
+        } else {
+            body_at
+        };
+        let raw: Vec<u8> = self.buf.drain(..total).collect();
+        parse_response(&raw)
     }
 }
 
