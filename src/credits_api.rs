@@ -131,6 +131,52 @@ pub struct ReleaseRequest<'a> {
     pub reason: &'a str,
 }
 
+/// `POST x402_claims_path`: only one request at a time may be served on one
+/// x402 payment (every Envoy, every worker). `owner` is the request's
+/// idempotency key, so a retried claim is answered as the first one was.
+#[derive(Debug, Serialize)]
+pub struct ClaimRequest<'a> {
+    pub claim: &'a str,
+    pub owner: &'a str,
+    pub ttl_seconds: u64,
+    pub route: &'a str,
+}
+
+/// What the service said of a payment claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This request holds the payment (now, or already: a retry).
+    Claimed,
+    /// Another request holds it.
+    InUse,
+}
+
+/// Reads a claim answer for `claim`: 200/201 naming it and `claimed: true`,
+/// or 409 `claim_in_use`.
+pub fn parse_claim(outcome: CallOutcome, claim: &str) -> Result<Claim, ServiceError> {
+    #[derive(Deserialize)]
+    struct Answer {
+        claim: String,
+        #[serde(default)]
+        claimed: Option<bool>,
+        #[serde(default)]
+        error: Option<String>,
+    }
+    let (status, body) = answered(outcome)?;
+    let a: Answer = match status {
+        200 | 201 | 409 => object(&body)?,
+        other => return Err(ServiceError::Status(other)),
+    };
+    if a.claim != claim {
+        return Err(ServiceError::Inconsistent);
+    }
+    match (status, a.claimed, a.error.as_deref()) {
+        (200 | 201, Some(true), None) => Ok(Claim::Claimed),
+        (409, _, Some("claim_in_use")) => Ok(Claim::InUse),
+        _ => Err(ServiceError::Garbage),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyState {
@@ -503,5 +549,18 @@ mod tests {
         assert_eq!(service_key_from_env(Some(&ok)), Ok(Some(ok.clone())));
         assert_eq!(service_key_from_env(Some(&format!("{ok}\r\nx-evil: 1"))), Err(ServiceKeyError::NotHeaderSafe));
         assert!(!ServiceKeyError::TooShort.to_string().contains(&ok), "the message never carries a key");
+    }
+
+    #[test]
+    fn claim_answers() {
+        let c = "ab".repeat(32);
+        let ans = |status: u16, body: &str| CallOutcome::Answered { status, body: body.as_bytes().to_vec(), truncated: false };
+        assert_eq!(parse_claim(ans(201, &format!(r#"{{"claim":"{c}","claimed":true}}"#)), &c), Ok(Claim::Claimed));
+        assert_eq!(parse_claim(ans(200, &format!(r#"{{"claim":"{c}","claimed":true}}"#)), &c), Ok(Claim::Claimed));
+        assert_eq!(parse_claim(ans(409, &format!(r#"{{"claim":"{c}","error":"claim_in_use"}}"#)), &c), Ok(Claim::InUse));
+        assert_eq!(parse_claim(ans(201, r#"{"claim":"other","claimed":true}"#), &c), Err(ServiceError::Inconsistent));
+        assert_eq!(parse_claim(ans(201, &format!(r#"{{"claim":"{c}","claimed":false}}"#)), &c), Err(ServiceError::Garbage));
+        assert_eq!(parse_claim(ans(500, "{}"), &c), Err(ServiceError::Status(500)));
+        assert_eq!(parse_claim(CallOutcome::Failed, &c), Err(ServiceError::Unavailable));
     }
 }

@@ -8,12 +8,13 @@
 use crate::bearer::{self, Credential, KeyCredential};
 use crate::cache::{self, Caches, Sharing};
 use crate::credits_api::{
-    self, CallOutcome, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest, RateCheck,
-    RateLimitRequest, ReleaseRequest, ServiceError,
+    self, CallOutcome, Claim, ClaimRequest, Debit, DebitRequest, Hold, HoldRequest, KeyState, Lookup, LookupRequest,
+    RateCheck, RateLimitRequest, ReleaseRequest, ServiceError,
 };
-use crate::denial::{AuthFailure, Denial};
-use crate::identity::{AuthMethod, Identity};
-use crate::policy::{Charge, Config, Route, Unmatched};
+use crate::denial::{AuthFailure, Denial, PaymentRefusal};
+use crate::identity::{AuthMethod, Identity, PaidWith};
+use crate::policy::{Charge, Config, CredentialKind, Route, Settle, Unmatched, X402Offer};
+use crate::x402::{self, Payment, PaymentError, Settlement, Verification};
 
 /// The name of the cookie Privy's HttpOnly-cookie mode uses.
 pub const PRIVY_COOKIE: &str = "privy-token";
@@ -32,8 +33,10 @@ pub struct Request<'a> {
     pub cookies: Vec<&'a [u8]>,
     /// `x-request-id` (Envoy sets one); the debit's idempotency key derives from it.
     pub request_id: &'a str,
-    /// A `PAYMENT-SIGNATURE` or v1 `X-PAYMENT` header is present.
-    pub has_x402_payment: bool,
+    /// Every `PAYMENT-SIGNATURE` header value, raw (x402 v2).
+    pub payment_signature: Vec<&'a [u8]>,
+    /// A v1 `X-PAYMENT` header is present (refused: never passed unchecked).
+    pub x_payment: bool,
     /// Keys fetched from the issuer's JWKS (besides the configured ones).
     pub fetched_keys: &'a [crate::privy_jwt::EsKey],
     /// The verifier's fingerprint with `fetched_keys`, as the JWKS cache
@@ -62,20 +65,67 @@ pub struct Grant {
     pub route: Option<String>,
     /// A hold to settle when the upstream answers (charge on success).
     pub hold: Option<String>,
+    /// A verified x402 payment to settle when the upstream answers 2xx/3xx.
+    pub x402_settle: Option<Box<Payment>>,
+    /// The `PAYMENT-RESPONSE` of a payment already settled (before the
+    /// upstream), to add to the response.
+    pub receipt: Option<String>,
+    /// The claim this request holds on its x402 payment (released if the
+    /// upstream fails, so the same payment may be tried again).
+    pub x402_claim: Option<String>,
 }
 
-/// One HTTP callout to the key/credits service.
+/// An x402 payment waiting for the Bearer's account (an x402-only route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToPay {
+    pub payment: Box<Payment>,
+    pub resource_url: String,
+}
+
+/// Where a callout goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallTarget {
+    /// The key/credits service (`credits_service`).
+    Credits,
+    /// The x402 facilitator (`x402_facilitator`).
+    Facilitator,
+}
+
+/// One HTTP callout (to the key/credits service unless `to` says otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceCall {
     pub path: String,
     pub body: Vec<u8>,
+    pub to: CallTarget,
+}
+
+impl ServiceCall {
+    fn credits(path: String, body: Vec<u8>) -> ServiceCall {
+        ServiceCall { path, body, to: CallTarget::Credits }
+    }
 }
 
 /// What the request is waiting for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pending {
-    /// `key_sha256`: what the answer is cached under.
-    Lookup { route: usize, prefix: String, idempotency_key: String, key_sha256: cache::Digest32 },
+    /// `key_sha256`: what the answer is cached under. `payment`: the x402
+    /// payment an x402-only route (a top-up) is paid with, once the key says
+    /// whose account it is.
+    Lookup {
+        route: usize,
+        prefix: String,
+        idempotency_key: String,
+        key_sha256: cache::Digest32,
+        payment: Option<ToPay>,
+    },
+    /// The facilitator's `/verify` of an x402 payment (`resource_url`: what a
+    /// fresh 402 names as the resource).
+    X402Verify { route: usize, identity: Identity, payment: Box<Payment>, resource_url: String, idempotency_key: String },
+    /// Its `/settle`, before the upstream (`settle: before_upstream`).
+    X402Settle { route: usize, identity: Identity, payment: Box<Payment> },
+    /// The claim of a verified payment at the key/credits service: one
+    /// request per payment, across every Envoy and worker.
+    X402Claim { route: usize, identity: Identity, payment: Box<Payment>, resource_url: String, claim: String },
     Debit { route: usize, identity: Identity, amount: u64 },
     Hold { route: usize, identity: Identity, amount: u64 },
     RateLimit { route: usize, identity: Identity },
@@ -113,7 +163,14 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
     else {
         return match cfg.unmatched {
             Unmatched::Deny => Decision::Deny(Denial::RouteNotAllowed),
-            Unmatched::Allow => Decision::Allow(Grant { identity: Identity::anonymous(), route: None, hold: None }),
+            Unmatched::Allow => Decision::Allow(Grant {
+                identity: Identity::anonymous(),
+                route: None,
+                hold: None,
+                x402_settle: None,
+                receipt: None,
+                x402_claim: None,
+            }),
         };
     };
     if route.public {
@@ -128,10 +185,16 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
         Err(e) => return unauthorized(AuthFailure::Header(e)),
     };
     let Some(token) = token else {
+        // A route that names the credentials it takes needs one, payment or not.
+        if route.credentials.is_some() {
+            return unauthorized(AuthFailure::Missing);
+        }
         // No credential at all: the x402 fall-through.
         return match &route.x402 {
-            Some(_) if req.has_x402_payment => allow(route, Identity::anonymous()),
-            Some(offer) => payment_required(offer, req),
+            Some(offer) => match payment(cfg, offer, req) {
+                Ok(p) => verify_payment(cfg, idx, Identity::anonymous(), p, resource_url(req), idempotency_key(route, req.request_id)),
+                Err(d) => Decision::Deny(d),
+            },
             None => unauthorized(AuthFailure::Missing),
         };
     };
@@ -139,16 +202,32 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
         Ok(c) => c,
         Err(e) => return unauthorized(AuthFailure::Format(e)),
     };
+    if let Some(kinds) = &route.credentials {
+        let kind = match &credential {
+            Credential::Admin => None,
+            Credential::PrivyAccessToken(_) => Some(CredentialKind::Privy),
+            Credential::Key(k) if k.kind == bearer::KeyKind::ApiKey => Some(CredentialKind::ApiKey),
+            Credential::Key(_) => Some(CredentialKind::ApiToken),
+        };
+        // Refused before any verification or lookup.
+        if kind.is_some_and(|k| !kinds.contains(&k)) {
+            return unauthorized(AuthFailure::KindNotAccepted);
+        }
+    }
     let idem = idempotency_key(route, req.request_id);
+    // An x402-only route (a top-up): the Bearer says whose account it is,
+    // but only an x402 payment pays. A missing or malformed payment is
+    // refused before any lookup.
+    let x402_payment = match (&route.x402, route.credits, &credential) {
+        (Some(offer), false, Credential::PrivyAccessToken(_) | Credential::Key(_)) => match payment(cfg, offer, req) {
+            Ok(p) => Some(ToPay { payment: p, resource_url: resource_url(req) }),
+            Err(d) => return Decision::Deny(d),
+        },
+        _ => None,
+    };
     match credential {
         // Operator bypass: no scope check, no payment.
         Credential::Admin => allow(route, Identity::admin()),
-        // An x402-only route (a top-up): the Bearer says who pays, but only an
-        // x402 payment pays. Without one, ask for it before any lookup.
-        _ if !route.credits && !req.has_x402_payment && route.x402.is_some() => match &route.x402 {
-            Some(offer) => payment_required(offer, req),
-            None => unauthorized(AuthFailure::Missing),
-        },
         Credential::PrivyAccessToken(jwt) => {
             let Some(privy) = &cfg.privy else {
                 return unauthorized(AuthFailure::PrivyNotConfigured);
@@ -168,12 +247,10 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
                     let identity = Identity {
                         method: AuthMethod::Privy,
                         account: Some(session.account),
-                        key_prefix: None,
-                        credits_remaining: None,
-                        charged: 0,
+                        ..Identity::anonymous()
                     };
                     // Privy sessions skip scope checks but pay like everyone else.
-                    charge_or_allow(cfg, idx, route, identity, idem)
+                    charge_or_allow(cfg, idx, route, identity, idem, x402_payment)
                 }
                 Err(e) => unauthorized(AuthFailure::Jwt(e)),
             }
@@ -183,8 +260,8 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
             match caches.looked_up_key(&digest, now_ms) {
                 // The record was checked when it was cached; the route's
                 // scope and the key's expiry are checked again here.
-                Some(rec) => authorized_key(cfg, idx, route, rec, now, idem),
-                None => lookup(cfg, idx, &key, digest, idem),
+                Some(rec) => authorized_key(cfg, idx, route, rec, now, idem, x402_payment),
+                None => lookup(cfg, idx, &key, digest, idem, x402_payment),
             }
         }
     }
@@ -195,7 +272,7 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
 pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_ms: i64, caches: &mut Caches) -> Decision {
     let now = now_ms.div_euclid(1000);
     match pending {
-        Pending::Lookup { route: idx, prefix, idempotency_key, key_sha256 } => {
+        Pending::Lookup { route: idx, prefix, idempotency_key, key_sha256, payment } => {
             let Some(route) = cfg.routes.get(idx) else {
                 return unavailable(ServiceError::Inconsistent);
             };
@@ -211,7 +288,7 @@ pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_m
             if rec.state == KeyState::Active {
                 caches.key_looked_up(key_sha256, &rec, now_ms);
             }
-            authorized_key(cfg, idx, route, rec, now, idempotency_key)
+            authorized_key(cfg, idx, route, rec, now, idempotency_key, payment)
         }
         Pending::Debit { route: idx, mut identity, amount } => {
             let Some(route) = cfg.routes.get(idx) else {
@@ -240,13 +317,76 @@ pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_m
                 Ok(Hold::Held { hold_id, balance }) => {
                     identity.credits_remaining = Some(balance);
                     identity.charged = amount;
-                    Decision::Allow(Grant { identity, route: Some(route.name.clone()), hold: Some(hold_id) })
+                    Decision::Allow(Grant { hold: Some(hold_id), ..grant(route, identity) })
                 }
                 Ok(Hold::Insufficient { balance }) => {
                     Decision::Deny(Denial::InsufficientCredits { credits: balance, required: amount })
                 }
                 Ok(Hold::RateLimited { retry_after }) => Decision::Deny(Denial::RateLimited { retry_after }),
                 Err(e) => unavailable(e),
+            }
+        }
+        Pending::X402Verify { route: idx, mut identity, payment, resource_url, idempotency_key } => {
+            let Some((route, offer)) = cfg.routes.get(idx).and_then(|r| r.x402.as_ref().map(|o| (r, o))) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            match x402::parse_verify(outcome) {
+                Ok(Verification::Valid { payer }) => {
+                    let r = &payment.requirement;
+                    identity.payment = Some(PaidWith {
+                        payer,
+                        network: r.network.clone(),
+                        amount: r.amount.clone(),
+                        asset: r.asset.clone(),
+                        transaction: None,
+                    });
+                    if identity.method == AuthMethod::Anonymous {
+                        identity.method = AuthMethod::X402;
+                    }
+                    match offer.settle {
+                        // Settled after the upstream: first make sure no copy
+                        // of this payment is being served elsewhere.
+                        Settle::AfterResponse => claim_payment(cfg, idx, route, identity, payment, resource_url, idempotency_key),
+                        // Settled first: a second settle of a copy fails.
+                        Settle::BeforeUpstream => settle_payment(cfg, idx, identity, payment),
+                    }
+                }
+                Ok(Verification::Invalid { reason }) => Decision::Deny(Denial::PaymentRequired {
+                    offer: Box::new(offer.clone()),
+                    resource_url,
+                    refused: Some(PaymentRefusal::Facilitator(reason)),
+                }),
+                Err(e) => Decision::Deny(Denial::PaymentUnavailable(e)),
+            }
+        }
+        Pending::X402Claim { route: idx, identity, payment, resource_url, claim } => {
+            let Some((route, offer)) = cfg.routes.get(idx).and_then(|r| r.x402.as_ref().map(|o| (r, o))) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            match credits_api::parse_claim(outcome, &claim) {
+                Ok(Claim::Claimed) => {
+                    Decision::Allow(Grant { x402_settle: Some(payment), x402_claim: Some(claim), ..grant(route, identity) })
+                }
+                Ok(Claim::InUse) => Decision::Deny(Denial::PaymentRequired {
+                    offer: Box::new(offer.clone()),
+                    resource_url,
+                    refused: Some(PaymentRefusal::Local(PaymentError::InUse)),
+                }),
+                Err(e) => unavailable(e),
+            }
+        }
+        Pending::X402Settle { route: idx, mut identity, payment } => {
+            let Some(route) = cfg.routes.get(idx) else {
+                return unavailable(ServiceError::Inconsistent);
+            };
+            match x402_settled(outcome, &payment) {
+                Ok((transaction, receipt)) => {
+                    if let Some(p) = identity.payment.as_mut() {
+                        p.transaction = Some(transaction);
+                    }
+                    Decision::Allow(Grant { receipt: Some(receipt), ..grant(route, identity) })
+                }
+                Err(denial) => Decision::Deny(denial),
             }
         }
         Pending::RateLimit { route: idx, identity } => {
@@ -284,6 +424,24 @@ pub fn after_settlement(capturing: bool, result: Result<credits_api::Settlement,
     }
 }
 
+/// The facilitator's `/settle` of a verified payment, once the upstream
+/// answered 2xx/3xx (a client never pays for a failure).
+pub fn settle_call(cfg: &Config, payment: &Payment) -> Option<ServiceCall> {
+    let f = cfg.facilitator.as_ref()?;
+    Some(ServiceCall { path: f.settle_path.clone(), body: x402::facilitator_body(payment), to: CallTarget::Facilitator })
+}
+
+/// What a `/settle` answer means for the request: the transaction and the
+/// `PAYMENT-RESPONSE` receipt, or the refusal that replaces the response
+/// (402 with the failed receipt, or 503 when the facilitator is unusable).
+pub fn x402_settled(outcome: CallOutcome, payment: &Payment) -> Result<(String, String), Denial> {
+    match x402::parse_settle(outcome, &payment.requirement.network) {
+        Ok(Settlement::Settled { transaction, header, .. }) => Ok((transaction, header)),
+        Ok(Settlement::Failed { reason, header }) => Err(Denial::PaymentFailed { reason, receipt: header }),
+        Err(e) => Err(Denial::PaymentUnavailable(e)),
+    }
+}
+
 /// Whether a settlement call is a capture.
 pub fn is_capture(call: &ServiceCall) -> bool {
     call.path.ends_with("/capture")
@@ -294,11 +452,11 @@ pub fn is_capture(call: &ServiceCall) -> bool {
 pub fn settle(cfg: &Config, hold_id: &str, upstream_status: Option<u16>) -> ServiceCall {
     let base = &cfg.service.holds_path;
     match upstream_status {
-        Some(200..=399) => ServiceCall { path: format!("{base}/{hold_id}/capture"), body: b"{}".to_vec() },
-        _ => ServiceCall {
-            path: format!("{base}/{hold_id}/release"),
-            body: serde_json::to_vec(&ReleaseRequest { reason: "upstream_error" }).unwrap_or_default(),
-        },
+        Some(200..=399) => ServiceCall::credits(format!("{base}/{hold_id}/capture"), b"{}".to_vec()),
+        _ => ServiceCall::credits(
+            format!("{base}/{hold_id}/release"),
+            serde_json::to_vec(&ReleaseRequest { reason: "upstream_error" }).unwrap_or_default(),
+        ),
     }
 }
 
@@ -349,18 +507,104 @@ fn verify_sharing(
     Ok(session)
 }
 
-fn lookup(cfg: &Config, idx: usize, key: &KeyCredential<'_>, digest: cache::Digest32, idempotency_key: String) -> Decision {
+fn lookup(
+    cfg: &Config,
+    idx: usize,
+    key: &KeyCredential<'_>,
+    digest: cache::Digest32,
+    idempotency_key: String,
+    payment: Option<ToPay>,
+) -> Decision {
     let hash = bearer::hex_lower(&digest);
     let body = serde_json::to_vec(&LookupRequest { key_sha256: &hash }).unwrap_or_default();
     Decision::Call(
-        ServiceCall { path: cfg.service.lookup_path.clone(), body },
-        Pending::Lookup { route: idx, prefix: key.prefix.to_owned(), idempotency_key, key_sha256: digest },
+        ServiceCall::credits(cfg.service.lookup_path.clone(), body),
+        Pending::Lookup { route: idx, prefix: key.prefix.to_owned(), idempotency_key, key_sha256: digest, payment },
     )
 }
 
+/// The request's x402 payment for `offer`: decoded and matched, or the 402
+/// that says why not (no payment, v1 only, malformed, not this resource's).
+fn payment(cfg: &Config, offer: &X402Offer, req: &Request<'_>) -> Result<Box<Payment>, Denial> {
+    let refuse = |refused: Option<PaymentRefusal>| Denial::PaymentRequired {
+        offer: Box::new(offer.clone()),
+        resource_url: resource_url(req),
+        refused,
+    };
+    if req.payment_signature.is_empty() {
+        return Err(refuse(req.x_payment.then_some(PaymentRefusal::Local(PaymentError::V1))));
+    }
+    let max = cfg.facilitator.as_ref().map_or(0, |f| f.max_payment_bytes);
+    match x402::parse_payment(&req.payment_signature, &offer.accepts, max) {
+        Ok(p) => Ok(Box::new(p)),
+        Err(e) => Err(refuse(Some(PaymentRefusal::Local(e)))),
+    }
+}
+
+/// Asks the facilitator whether `payment` is good (nothing is charged yet).
+fn verify_payment(cfg: &Config, idx: usize, identity: Identity, payment: Box<Payment>, resource_url: String, idempotency_key: String) -> Decision {
+    // A route that takes x402 always has a facilitator (checked at load).
+    let Some(f) = cfg.facilitator.as_ref() else {
+        return Decision::Deny(Denial::PaymentUnavailable(x402::FacilitatorError::DispatchFailed));
+    };
+    Decision::Call(
+        ServiceCall { path: f.verify_path.clone(), body: x402::facilitator_body(&payment), to: CallTarget::Facilitator },
+        Pending::X402Verify { route: idx, identity, payment, resource_url, idempotency_key },
+    )
+}
+
+/// Claims a verified payment for this request (settled after the upstream).
+#[allow(clippy::too_many_arguments)]
+fn claim_payment(
+    cfg: &Config,
+    idx: usize,
+    route: &Route,
+    identity: Identity,
+    payment: Box<Payment>,
+    resource_url: String,
+    owner: String,
+) -> Decision {
+    let claim = x402::claim_id(&payment);
+    let body = serde_json::to_vec(&ClaimRequest {
+        claim: &claim,
+        owner: &owner,
+        ttl_seconds: payment.requirement.max_timeout_seconds.clamp(1, 3600),
+        route: &route.name,
+    })
+    .unwrap_or_default();
+    Decision::Call(
+        ServiceCall::credits(cfg.service.x402_claims_path.clone(), body),
+        Pending::X402Claim { route: idx, identity, payment, resource_url, claim },
+    )
+}
+
+/// Gives back a payment's claim (the upstream failed: nothing was settled,
+/// and the same payment may be sent again).
+pub fn release_claim(cfg: &Config, claim: &str) -> ServiceCall {
+    ServiceCall::credits(format!("{}/{claim}/release", cfg.service.x402_claims_path), b"{}".to_vec())
+}
+
+/// Settles a verified payment before the upstream is called.
+fn settle_payment(cfg: &Config, idx: usize, identity: Identity, payment: Box<Payment>) -> Decision {
+    match settle_call(cfg, &payment) {
+        Some(call) => Decision::Call(call, Pending::X402Settle { route: idx, identity, payment }),
+        None => Decision::Deny(Denial::PaymentUnavailable(x402::FacilitatorError::DispatchFailed)),
+    }
+}
+
+
+
 /// A key the service knows (answered now, or cached): its state, expiry and
 /// the route's scope decide; then the route's charge.
-fn authorized_key(cfg: &Config, idx: usize, route: &Route, rec: credits_api::KeyRecord, now: i64, idem: String) -> Decision {
+fn authorized_key(
+    cfg: &Config,
+    idx: usize,
+    route: &Route,
+    rec: credits_api::KeyRecord,
+    now: i64,
+    idem: String,
+    payment: Option<ToPay>,
+) -> Decision {
     match rec.state {
         KeyState::Revoked => return unauthorized(AuthFailure::Revoked),
         KeyState::Expired => return unauthorized(AuthFailure::Expired),
@@ -381,15 +625,29 @@ fn authorized_key(cfg: &Config, idx: usize, route: &Route, rec: credits_api::Key
         account: Some(rec.account),
         key_prefix: Some(rec.key_prefix),
         credits_remaining: Some(rec.balance),
-        charged: 0,
+        ..Identity::anonymous()
     };
-    charge_or_allow(cfg, idx, route, identity, idem)
+    charge_or_allow(cfg, idx, route, identity, idem, payment)
 }
 
 /// After authentication: hold or debit the route's cost (with the account's
 /// rate limit checked first by the service), or, on a free route, check the
 /// rate limit alone, or let it through.
-fn charge_or_allow(cfg: &Config, idx: usize, route: &Route, identity: Identity, idempotency_key: String) -> Decision {
+fn charge_or_allow(
+    cfg: &Config,
+    idx: usize,
+    route: &Route,
+    identity: Identity,
+    idempotency_key: String,
+    payment: Option<ToPay>,
+) -> Decision {
+    // An x402-only route: the payment pays, for the account the Bearer named.
+    if let (false, Some(_)) = (route.credits, &route.x402) {
+        return match payment {
+            Some(p) => verify_payment(cfg, idx, identity, p.payment, p.resource_url, idempotency_key),
+            None => unavailable(ServiceError::Inconsistent),
+        };
+    }
     let account = identity.account.clone().unwrap_or_default();
     if route.credits && route.cost > 0 {
         let key_prefix = identity.key_prefix.as_deref();
@@ -420,13 +678,13 @@ fn charge_or_allow(cfg: &Config, idx: usize, route: &Route, identity: Identity, 
                 Pending::Debit { route: idx, identity: identity.clone(), amount: route.cost },
             ),
         };
-        return Decision::Call(ServiceCall { path, body: body.unwrap_or_default() }, pending);
+        return Decision::Call(ServiceCall::credits(path, body.unwrap_or_default()), pending);
     }
     match (cfg.rate_limit, identity.account.is_some()) {
         (Some(rate_limit), true) => {
             let body = serde_json::to_vec(&RateLimitRequest { account: &account, rate_limit }).unwrap_or_default();
             Decision::Call(
-                ServiceCall { path: cfg.service.ratelimit_path.clone(), body },
+                ServiceCall::credits(cfg.service.ratelimit_path.clone(), body),
                 Pending::RateLimit { route: idx, identity },
             )
         }
@@ -434,12 +692,9 @@ fn charge_or_allow(cfg: &Config, idx: usize, route: &Route, identity: Identity, 
     }
 }
 
-fn payment_required(offer: &crate::policy::X402Offer, req: &Request<'_>) -> Decision {
+fn resource_url(req: &Request<'_>) -> String {
     let path = crate::policy::path::strip_query(req.path);
-    Decision::Deny(Denial::PaymentRequired {
-        offer: offer.clone(),
-        resource_url: format!("{}://{}{}", req.scheme, req.authority, path),
-    })
+    format!("{}://{}{}", req.scheme, req.authority, path)
 }
 
 fn privy_cookie<'a>(cfg: &Config, req: &Request<'a>) -> Result<Option<&'a str>, Denial> {
@@ -461,8 +716,12 @@ fn privy_cookie<'a>(cfg: &Config, req: &Request<'a>) -> Result<Option<&'a str>, 
     Ok(Some(value))
 }
 
+fn grant(route: &Route, identity: Identity) -> Grant {
+    Grant { identity, route: Some(route.name.clone()), hold: None, x402_settle: None, receipt: None, x402_claim: None }
+}
+
 fn allow(route: &Route, identity: Identity) -> Decision {
-    Decision::Allow(Grant { identity, route: Some(route.name.clone()), hold: None })
+    Decision::Allow(grant(route, identity))
 }
 
 fn unauthorized(why: AuthFailure) -> Decision {
@@ -498,13 +757,15 @@ mod tests {
         let json = serde_json::json!({
             "credits_service": {"cluster": "credits", "timeout_ms": 500},
             "privy": {"app_id": "app-1", "verification_key": pem, "accept_cookie": true},
+            "x402_facilitator": {"cluster": "facilitator"},
             "routes": [
                 {"name": "sms", "methods": ["POST"], "path": {"exact": "/sms"}, "scope": "sms:send", "cost": 2,
                  "payment": ["credits", "x402"], "charge": "up_front",
                  "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "1000", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
                 {"name": "account", "methods": ["GET"], "path": {"exact": "/account"}},
-                {"name": "topup", "path": {"exact": "/topup"}, "payment": ["x402"],
-                 "x402": {"accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "5", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
+                {"name": "topup", "path": {"exact": "/topup"}, "payment": ["x402"], "credentials": ["privy", "api_key"],
+                 "x402": {"settle": "before_upstream",
+                          "accepts": [{"scheme": "exact", "network": "eip155:8453", "amount": "5", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60}]}},
                 {"name": "health", "path": {"exact": "/healthz"}, "public": true},
                 {"name": "report", "methods": ["POST"], "path": {"exact": "/report"}, "scope": "sms:send", "cost": 3}
             ]
@@ -531,7 +792,8 @@ mod tests {
             authorization: auth.map(|a| vec![a.as_bytes()]).unwrap_or_default(),
             cookies: vec![],
             request_id: "req-1",
-            has_x402_payment: false,
+            payment_signature: vec![],
+            x_payment: false,
             fetched_keys: &[],
             fetched_fingerprint: None,
             refetch_unknown_kid: false,
@@ -750,29 +1012,136 @@ mod tests {
         assert!(matches!(denial(decide(&c, &req, NOW)), Denial::Unauthorized(_)));
     }
 
+    /// A PAYMENT-SIGNATURE for route `accepted` (as the client copies it).
+    fn payment_header(amount: &str) -> String {
+        use base64::engine::general_purpose::STANDARD;
+        let accepted = serde_json::json!({"scheme": "exact", "network": "eip155:8453", "amount": amount, "asset": "0xA",
+                                         "payTo": "0xB", "maxTimeoutSeconds": 60});
+        STANDARD.encode(serde_json::json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x1"}}).to_string())
+    }
+
+    fn facilitator(body: serde_json::Value) -> CallOutcome {
+        answer(200, &body.to_string())
+    }
+
     #[test]
-    fn x402_fall_through() {
+    fn x402_is_verified_before_and_settled_after_the_upstream() {
         let c = config();
         // No Bearer, x402 route, no payment: 402 with requirements.
         match denial(decide(&c, &request("POST", "/sms?a=b", None), NOW)) {
-            Denial::PaymentRequired { resource_url, .. } => assert_eq!(resource_url, "https://api.test/sms"),
+            Denial::PaymentRequired { resource_url, refused: None, .. } => assert_eq!(resource_url, "https://api.test/sms"),
             other => panic!("{other:?}"),
         }
-        // With a payment header: straight through, unchanged.
+        // A payment: verified by the facilitator with the route's own requirement.
+        let h = payment_header("1000");
         let mut paid = request("POST", "/sms", None);
-        paid.has_x402_payment = true;
-        assert!(matches!(decide(&c, &paid, NOW), Decision::Allow(_)));
+        paid.payment_signature = vec![h.as_bytes()];
+        let Decision::Call(call, pending) = decide(&c, &paid, NOW) else { panic!() };
+        assert_eq!((call.to, call.path.as_str()), (CallTarget::Facilitator, "/verify"));
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(body["paymentRequirements"]["amount"], "1000");
+        let payer = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+        // Valid: claimed at the key/credits service (one request per payment).
+        let Decision::Call(claim, claimed) = resume(&c, pending.clone(), facilitator(serde_json::json!({"isValid": true, "payer": payer})), NOW)
+        else {
+            panic!()
+        };
+        assert_eq!((claim.to, claim.path.as_str()), (CallTarget::Credits, "/v1/x402/claims"));
+        let cbody: serde_json::Value = serde_json::from_slice(&claim.body).unwrap();
+        let id = cbody["claim"].as_str().unwrap().to_owned();
+        assert_eq!((id.len(), cbody["owner"].as_str(), cbody["ttl_seconds"].as_u64()), (64, Some("sms:req-1"), Some(60)));
+        let in_use = answer(409, &format!(r#"{{"claim":"{id}","error":"claim_in_use"}}"#));
+        assert!(matches!(
+            denial(resume(&c, claimed.clone(), in_use, NOW)),
+            Denial::PaymentRequired { refused: Some(PaymentRefusal::Local(PaymentError::InUse)), .. }
+        ));
+        assert!(matches!(denial(resume(&c, claimed.clone(), CallOutcome::Failed, NOW)), Denial::CreditsUnavailable(_)));
+        let ok = answer(201, &format!(r#"{{"claim":"{id}","claimed":true}}"#));
+        let Decision::Allow(g) = resume(&c, claimed, ok, NOW) else { panic!() };
+        assert_eq!(g.x402_claim.as_deref(), Some(id.as_str()));
+        assert_eq!(release_claim(&c, &id).path, format!("/v1/x402/claims/{id}/release"));
+        assert_eq!(g.identity.method, AuthMethod::X402);
+        let p = g.identity.payment.clone().unwrap();
+        assert_eq!((p.payer.as_str(), p.network.as_str(), p.amount.as_str(), p.transaction), (payer, "eip155:8453", "1000", None));
+        let settle = settle_call(&c, g.x402_settle.as_ref().unwrap()).unwrap();
+        assert_eq!((settle.to, settle.path.as_str(), settle.body.clone()), (CallTarget::Facilitator, "/settle", call.body.clone()));
+        // The facilitator says no: a fresh 402 with its reason.
+        match denial(resume(&c, pending.clone(), facilitator(serde_json::json!({"isValid": false, "invalidReason": "nonce_used"})), NOW)) {
+            Denial::PaymentRequired { refused: Some(PaymentRefusal::Facilitator(r)), resource_url, .. } => {
+                assert_eq!((r.as_str(), resource_url.as_str()), ("nonce_used", "https://api.test/sms"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unusable: 503, never passed unpaid.
+        assert!(matches!(denial(resume(&c, pending, CallOutcome::Failed, NOW)), Denial::PaymentUnavailable(_)));
+        // A payment for another amount, or v1 only: 402 before any callout.
+        let wrong = payment_header("1");
+        paid.payment_signature = vec![wrong.as_bytes()];
+        assert!(matches!(
+            denial(decide(&c, &paid, NOW)),
+            Denial::PaymentRequired { refused: Some(PaymentRefusal::Local(PaymentError::Mismatch)), .. }
+        ));
+        let mut v1 = request("POST", "/sms", None);
+        v1.x_payment = true;
+        assert!(matches!(
+            denial(decide(&c, &v1, NOW)),
+            Denial::PaymentRequired { refused: Some(PaymentRefusal::Local(PaymentError::V1)), .. }
+        ));
         // A route without x402: 401.
         assert_eq!(denial(decide(&c, &request("GET", "/account", None), NOW)), Denial::Unauthorized(AuthFailure::Missing));
-        // x402-only route with a Bearer but no payment: 402 before any lookup.
+    }
+
+    #[test]
+    fn a_route_that_names_its_credentials_refuses_the_others_and_none() {
+        let c = config();
+        let h = payment_header("5");
+        // A payment alone credits nobody: 401 before any callout.
+        let mut anonymous = request("POST", "/topup", None);
+        anonymous.payment_signature = vec![h.as_bytes()];
+        assert_eq!(denial(decide(&c, &anonymous, NOW)), Denial::Unauthorized(AuthFailure::Missing));
+        // An API token (privy_…) is not listed: refused before any lookup.
+        let token = format!("Bearer privy_{}", "a".repeat(40));
+        let mut other = request("POST", "/topup", Some(&token));
+        other.payment_signature = vec![h.as_bytes()];
+        assert_eq!(denial(decide(&c, &other, NOW)), Denial::Unauthorized(AuthFailure::KindNotAccepted));
+        // The admin key is always accepted.
+        let admin = format!("Bearer {ADMIN}");
+        assert!(matches!(decide(&c, &request("POST", "/topup", Some(&admin)), NOW), Decision::Allow(_)));
+    }
+
+    #[test]
+    fn a_top_up_identifies_the_account_then_settles_before_the_upstream() {
+        let c = config();
         let auth = format!("Bearer {API_KEY}");
+        // x402-only route with a Bearer but no payment: 402 before any lookup.
         assert!(matches!(denial(decide(&c, &request("POST", "/topup", Some(&auth)), NOW)), Denial::PaymentRequired { .. }));
+        let h = payment_header("5");
         let mut topup = request("POST", "/topup", Some(&auth));
-        topup.has_x402_payment = true;
+        topup.payment_signature = vec![h.as_bytes()];
         let Decision::Call(call, pending) = decide(&c, &topup, NOW) else { panic!() };
         assert_eq!(call.path, "/v1/keys/lookup");
-        // Identified, not charged in credits.
-        assert!(matches!(resume(&c, pending, answer(200, &record("[]", "active", 0)), NOW), Decision::Allow(_)));
+        // The key names the account; then the payment is verified…
+        let Decision::Call(verify, pending) = resume(&c, pending, answer(200, &record("[]", "active", 0)), NOW) else { panic!() };
+        assert_eq!((verify.to, verify.path.as_str()), (CallTarget::Facilitator, "/verify"));
+        // …and settled before the upstream, which gets the transaction.
+        let payer = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+        let Decision::Call(settle, pending) = resume(&c, pending, facilitator(serde_json::json!({"isValid": true, "payer": payer})), NOW)
+        else {
+            panic!()
+        };
+        assert_eq!(settle.path, "/settle");
+        let tx = "0x5240caeb76e008a016ccfacb8faab06934f2937e25313e2923fb1ce9fd1d6009";
+        let ok = serde_json::json!({"success": true, "transaction": tx, "network": "eip155:8453", "payer": payer});
+        let Decision::Allow(g) = resume(&c, pending.clone(), facilitator(ok), NOW) else { panic!() };
+        assert_eq!(g.identity.method, AuthMethod::ApiKey, "the Bearer's account is credited");
+        assert_eq!(g.identity.account.as_deref(), Some("did:privy:owner"));
+        assert_eq!(g.identity.payment.as_ref().and_then(|p| p.transaction.as_deref()), Some(tx));
+        assert!(g.receipt.is_some() && g.x402_settle.is_none(), "settled once, before the upstream");
+        let headers = g.identity.headers(g.route.as_deref());
+        assert!(headers.contains(&(crate::identity::X402_TRANSACTION, tx.to_owned())));
+        // Settlement refused: 402 with the failed receipt, nothing upstream.
+        let failed = serde_json::json!({"success": false, "errorReason": "insufficient_funds", "network": "eip155:8453"});
+        assert!(matches!(denial(resume(&c, pending, facilitator(failed), NOW)), Denial::PaymentFailed { .. }));
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Every refusal the filter writes itself, and the one function that turns a
 //! refusal into status + JSON body + headers.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
+use base64ct::{Base64, Encoding};
 use serde_json::{json, Value};
 
 use crate::bearer::{BearerError, ClassifyError};
 use crate::credits_api::ServiceError;
 use crate::policy::X402Offer;
 use crate::privy_jwt::JwtError;
+use crate::x402::{FacilitatorError, PaymentError, PAYMENT_RESPONSE};
 
 pub const REALM: &str = "dialtone";
 
@@ -20,14 +20,40 @@ pub enum Denial {
     InsufficientScope { scope: String },
     /// 402 `insufficient_credits`, the seed's exact body.
     InsufficientCredits { credits: i64, required: u64 },
-    /// 402 `payment_required` with the route's x402 requirements.
-    PaymentRequired { offer: X402Offer, resource_url: String },
+    /// 402 `payment_required` with the route's x402 requirements; `refused`
+    /// says why a payment that was sent was not taken.
+    PaymentRequired { offer: Box<X402Offer>, resource_url: String, refused: Option<PaymentRefusal> },
+    /// 402 `payment_failed`: the facilitator did not settle the payment. The
+    /// reference server's answer: `PAYMENT-RESPONSE` (`success: false`) and
+    /// `Cache-Control: no-store`; the upstream's response is not delivered.
+    PaymentFailed { reason: String, receipt: String },
+    /// 503 `payment_unavailable`: the facilitator is down, slow or answers
+    /// garbage. Fail closed.
+    PaymentUnavailable(FacilitatorError),
     /// 403 `route_not_allowed`: no policy route matched and `unmatched` is deny.
     RouteNotAllowed,
     /// 503 `credits_unavailable`: fail closed.
     CreditsUnavailable(ServiceError),
     /// 429 `rate_limited`: the account's shared budget is spent.
     RateLimited { retry_after: u64 },
+}
+
+/// Why a payment that was sent was refused (the fresh `PAYMENT-REQUIRED`'s `error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentRefusal {
+    /// Refused here, before any callout.
+    Local(PaymentError),
+    /// The facilitator's `invalidReason` (opaque).
+    Facilitator(String),
+}
+
+impl PaymentRefusal {
+    pub fn message(&self) -> &str {
+        match self {
+            PaymentRefusal::Local(e) => e.message(),
+            PaymentRefusal::Facilitator(reason) => reason,
+        }
+    }
 }
 
 /// Why a credential was refused (the 401 cases).
@@ -41,6 +67,8 @@ pub enum AuthFailure {
     UnknownKey,
     Revoked,
     Expired,
+    /// A kind of credential the route does not take (`credentials`).
+    KindNotAccepted,
 }
 
 impl AuthFailure {
@@ -51,6 +79,7 @@ impl AuthFailure {
             AuthFailure::Format(e) => e.describe(),
             AuthFailure::Jwt(e) => e.reason(),
             AuthFailure::PrivyNotConfigured => "Privy access tokens are not accepted here",
+            AuthFailure::KindNotAccepted => "this kind of credential is not accepted on this route",
             AuthFailure::UnknownKey => "unknown API key",
             AuthFailure::Revoked => "API key revoked",
             AuthFailure::Expired => "API key expired",
@@ -78,6 +107,7 @@ impl AuthFailure {
             AuthFailure::UnknownKey => "unknown_key",
             AuthFailure::Revoked => "revoked",
             AuthFailure::Expired => "expired",
+            AuthFailure::KindNotAccepted => "kind_not_accepted",
         }
     }
 }
@@ -104,6 +134,8 @@ impl Denial {
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::InsufficientCredits { .. } => "insufficient_credits",
             Denial::PaymentRequired { .. } => "payment_required",
+            Denial::PaymentFailed { .. } => "payment_failed",
+            Denial::PaymentUnavailable(_) => "payment_unavailable",
             Denial::RouteNotAllowed => "route_not_allowed",
             Denial::CreditsUnavailable(_) => "credits_unavailable",
             Denial::RateLimited { .. } => "rate_limited",
@@ -135,28 +167,40 @@ impl Denial {
                 402,
                 json!({"success": false, "error": code, "credits": credits, "required": required}),
             ),
-            Denial::PaymentRequired { offer, resource_url } => {
+            Denial::PaymentRequired { offer, resource_url, refused } => {
                 let resource = json!({
                     "url": resource_url,
                     "description": offer.description,
                     "mimeType": offer.mime_type,
                 });
                 let accepts = serde_json::to_value(&offer.accepts).unwrap_or(Value::Array(vec![]));
+                let why = refused.as_ref().map_or("PAYMENT-SIGNATURE header is required", PaymentRefusal::message);
                 let required = json!({
                     "x402Version": 2,
-                    "error": "PAYMENT-SIGNATURE header is required",
+                    "error": why,
                     "resource": resource,
                     "accepts": accepts,
                 });
-                headers.push(("payment-required", STANDARD.encode(required.to_string())));
-                (402, json!({
+                headers.push(("payment-required", Base64::encode_string(required.to_string().as_bytes())));
+                headers.push(("cache-control", "no-store".into()));
+                let mut body = json!({
                     "success": false,
                     "error": code,
                     "x402Version": 2,
                     "resource": resource,
                     "accepts": accepts,
-                }))
+                });
+                if let (Some(r), Some(obj)) = (refused, body.as_object_mut()) {
+                    obj.insert("reason".into(), Value::String(r.message().to_owned()));
+                }
+                (402, body)
             }
+            Denial::PaymentFailed { reason, receipt } => {
+                headers.push((PAYMENT_RESPONSE, receipt.clone()));
+                headers.push(("cache-control", "no-store".into()));
+                (402, json!({"success": false, "error": code, "reason": reason}))
+            }
+            Denial::PaymentUnavailable(_) => (503, json!({"success": false, "error": code})),
             Denial::RouteNotAllowed => (403, json!({"success": false, "error": code})),
             Denial::CreditsUnavailable(_) => (503, json!({"success": false, "error": code})),
             Denial::RateLimited { retry_after } => {
@@ -171,6 +215,8 @@ impl Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
 
     fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
         r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
@@ -233,8 +279,9 @@ mod tests {
                 max_timeout_seconds: 60,
                 extra: None,
             }],
+            settle: crate::policy::Settle::AfterResponse,
         };
-        let r = Denial::PaymentRequired { offer, resource_url: "http://h/p".into() }.reply();
+        let r = Denial::PaymentRequired { offer: Box::new(offer.clone()), resource_url: "http://h/p".into(), refused: None }.reply();
         assert_eq!(r.status, 402);
         let b = r.body_json();
         assert_eq!(b["error"], "payment_required");
@@ -244,5 +291,24 @@ mod tests {
         assert_eq!(decoded["x402Version"], 2);
         assert_eq!(decoded["resource"]["url"], "http://h/p");
         assert_eq!(decoded["accepts"], b["accepts"]);
+        assert_eq!(decoded["error"], "PAYMENT-SIGNATURE header is required");
+        assert_eq!(header(&r, "cache-control"), Some("no-store"));
+        // A refused payment: the fresh requirements say why.
+        let refused = Some(PaymentRefusal::Facilitator("invalid_exact_evm_nonce_already_used".into()));
+        let r = Denial::PaymentRequired { offer: Box::new(offer), resource_url: "http://h/p".into(), refused }.reply();
+        let decoded: Value = serde_json::from_slice(&STANDARD.decode(header(&r, "payment-required").unwrap()).unwrap()).unwrap();
+        assert_eq!(decoded["error"], "invalid_exact_evm_nonce_already_used");
+        assert_eq!(r.body_json()["reason"], "invalid_exact_evm_nonce_already_used");
+    }
+
+    #[test]
+    fn settlement_failure_is_the_reference_servers_answer() {
+        let r = Denial::PaymentFailed { reason: "insufficient_funds".into(), receipt: "eyJzdWNjZXNzIjpmYWxzZX0=".into() }.reply();
+        assert_eq!(r.status, 402);
+        assert_eq!(header(&r, "payment-response"), Some("eyJzdWNjZXNzIjpmYWxzZX0="));
+        assert_eq!(header(&r, "cache-control"), Some("no-store"));
+        assert_eq!(r.body, r#"{"success":false,"error":"payment_failed","reason":"insufficient_funds"}"#);
+        let r = Denial::PaymentUnavailable(crate::x402::FacilitatorError::Status(500)).reply();
+        assert_eq!((r.status, r.body.as_str()), (503, r#"{"success":false,"error":"payment_unavailable"}"#));
     }
 }

@@ -10,7 +10,8 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use crate::cache::{Caches, SlotKey};
 use crate::credits_api::{self, CallOutcome, ServiceError};
-use crate::decision::{self, Decision, Pending, Request, ServiceCall};
+use crate::decision::{self, CallTarget, Decision, Pending, Request, ServiceCall};
+use crate::x402::{self as x402_wire, Payment};
 use crate::denial::Denial;
 use crate::denial::AuthFailure;
 use crate::identity;
@@ -99,6 +100,14 @@ impl Root {
 fn dispatch_jwks(ctx: &dyn Context, fetch: &JwksFetch) -> Result<u32, proxy_wasm::types::Status> {
     let headers = vec![(":method", "GET"), (":path", fetch.path.as_str()), (":authority", fetch.authority.as_str()), ("accept", "application/json")];
     ctx.dispatch_http_call(&fetch.cluster, headers, None, vec![], Duration::from_millis(fetch.timeout_ms))
+}
+
+/// The cluster a callout goes to (for log lines).
+fn target_cluster(cfg: &Config, to: CallTarget) -> &str {
+    match (to, cfg.facilitator.as_ref()) {
+        (CallTarget::Facilitator, Some(f)) => &f.cluster,
+        _ => &cfg.service.cluster,
+    }
 }
 
 /// Reads a callout's answer, capped at `cap` bytes.
@@ -307,6 +316,10 @@ impl RootContext for Root {
             hold: None,
             settling: None,
             in_flight: None,
+            x402_settle: None,
+            x402_settling: None,
+            receipt: None,
+            x402_claim: None,
         }))
     }
 
@@ -345,6 +358,14 @@ struct Gate {
     settling: Option<(u32, String, bool)>,
     /// The callout in flight and how many times it was sent (for one retry).
     in_flight: Option<(ServiceCall, u32)>,
+    /// A verified x402 payment to settle when the upstream answers 2xx/3xx.
+    x402_settle: Option<Box<Payment>>,
+    /// The facilitator's `/settle` in flight (the response waits for it).
+    x402_settling: Option<(u32, Box<Payment>)>,
+    /// `PAYMENT-RESPONSE` of a payment settled before the upstream.
+    receipt: Option<String>,
+    /// The claim held on this request's x402 payment.
+    x402_claim: Option<String>,
 }
 
 fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
@@ -385,6 +406,15 @@ impl Gate {
                 );
                 self.released = true;
                 self.hold = grant.hold;
+                self.x402_settle = grant.x402_settle;
+                self.x402_claim = grant.x402_claim;
+                if grant.identity.payment.is_some() {
+                    self.metrics.count(metrics::X402_VERIFIED);
+                }
+                if grant.receipt.is_some() {
+                    self.metrics.count(metrics::X402_SETTLED);
+                }
+                self.receipt = grant.receipt;
                 self.metrics.count(metrics::allowed(grant.identity.method));
                 Action::Continue
             }
@@ -401,11 +431,11 @@ impl Gate {
                         Action::Pause
                     }
                     Err(status) => {
-                        log::error!(
-                            "cannot call cluster {:?}: {status:?}",
-                            cfg.service.cluster
-                        );
-                        self.deny(&Denial::CreditsUnavailable(ServiceError::DispatchFailed));
+                        log::error!("cannot call cluster {:?}: {status:?}", target_cluster(cfg, call.to));
+                        self.deny(&match call.to {
+                            CallTarget::Credits => Denial::CreditsUnavailable(ServiceError::DispatchFailed),
+                            CallTarget::Facilitator => Denial::PaymentUnavailable(x402_wire::FacilitatorError::DispatchFailed),
+                        });
                         Action::Pause
                     }
                 }
@@ -438,7 +468,8 @@ impl Gate {
             authorization: values("authorization"),
             cookies: values("cookie"),
             request_id: &self.request_id,
-            has_x402_payment: headers.iter().any(|(n, _)| n == "payment-signature" || n == "x-payment"),
+            payment_signature: values(x402_wire::PAYMENT_SIGNATURE),
+            x_payment: headers.iter().any(|(n, _)| n == x402_wire::X_PAYMENT),
             fetched_keys,
             fetched_fingerprint,
             refetch_unknown_kid: fetch.is_some_and(|f| jwks.may_fetch_for_unknown_kid(f, now)),
@@ -494,26 +525,26 @@ impl Gate {
         self.apply(cfg, decision)
     }
 
-    /// Sends one callout to the key/credits service.
+    /// Sends one callout, to the key/credits service or the x402 facilitator.
     fn dispatch(&mut self, cfg: &Config, call: &ServiceCall) -> Result<u32, proxy_wasm::types::Status> {
         self.dispatched_at = self.get_current_time();
+        let (cluster, authority, timeout_ms) = match (call.to, cfg.facilitator.as_ref()) {
+            (CallTarget::Credits, _) => (&cfg.service.cluster, &cfg.service.authority, cfg.service.timeout_ms),
+            (CallTarget::Facilitator, Some(f)) => (&f.cluster, &f.authority, f.timeout_ms),
+            (CallTarget::Facilitator, None) => return Err(proxy_wasm::types::Status::NotFound),
+        };
         let mut headers = vec![
             (":method", "POST"),
             (":path", call.path.as_str()),
-            (":authority", cfg.service.authority.as_str()),
+            (":authority", authority.as_str()),
             ("content-type", "application/json"),
             ("x-request-id", self.request_id.as_str()),
         ];
-        if let Some(key) = &self.service_key {
+        // The service key proves the filter to the key/credits service only.
+        if let (CallTarget::Credits, Some(key)) = (call.to, &self.service_key) {
             headers.push((credits_api::SERVICE_KEY_HEADER, key));
         }
-        self.dispatch_http_call(
-            &cfg.service.cluster,
-            headers,
-            Some(&call.body),
-            vec![],
-            Duration::from_millis(cfg.service.timeout_ms),
-        )
+        self.dispatch_http_call(cluster, headers, Some(&call.body), vec![], Duration::from_millis(timeout_ms))
     }
 
     /// After a transport failure, sends the same callout once more (every
@@ -523,9 +554,16 @@ impl Gate {
         if attempts >= MAX_ATTEMPTS || !credits_api::is_transport_failure(outcome) {
             return None;
         }
+        // A settlement that may have gone through is never sent again: a
+        // second /settle of the same payment fails (its nonce is used).
+        if call.to == CallTarget::Facilitator && cfg.facilitator.as_ref().is_some_and(|f| f.settle_path == call.path) {
+            return None;
+        }
         match self.dispatch(cfg, &call) {
             Ok(token) => {
-                self.metrics.count(metrics::CALLOUT_RETRIED);
+                if call.to == CallTarget::Credits {
+                    self.metrics.count(metrics::CALLOUT_RETRIED);
+                }
                 log::info!("retrying {} after a transport failure", call.path);
                 self.in_flight = Some((call, attempts + 1));
                 Some(token)
@@ -539,12 +577,18 @@ impl Gate {
         if let Some(reason) = metrics::denied_reason(denial) {
             self.metrics.count(reason);
         }
+        if let Some(outcome) = metrics::x402_outcome(denial) {
+            self.metrics.count(outcome);
+        }
         let reply = denial.reply();
         match denial {
             Denial::CreditsUnavailable(e) => {
                 log::warn!("credits service unusable ({}): 503", e.reason());
             }
             Denial::Unauthorized(why) => log::info!("401 {}", why.reason()),
+            Denial::PaymentRequired { refused: Some(why), .. } => log::info!("402 payment refused: {}", why.message()),
+            Denial::PaymentFailed { reason, .. } => log::warn!("402 settlement failed: {reason}"),
+            Denial::PaymentUnavailable(e) => log::warn!("x402 facilitator unusable ({}): 503", e.reason()),
             other => log::info!("{} {}", reply.status, other.code()),
         }
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -553,6 +597,66 @@ impl Gate {
 }
 
 impl Gate {
+    fn response_status(&self) -> Option<u16> {
+        self.get_http_response_header_bytes(":status")
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u16>().ok()))
+    }
+
+    /// An x402 payment is settled only when the upstream answered 2xx/3xx
+    /// (the client pays nothing for a failure); the response waits for the
+    /// settlement and carries its receipt, or is replaced by the refusal.
+    fn settle_payment(&mut self, cfg: &Config, payment: Box<Payment>) -> Action {
+        if !matches!(self.response_status(), Some(200..=399)) {
+            log::info!("upstream failed: the x402 payment is not settled");
+            self.release_claim(cfg);
+            return Action::Continue;
+        }
+        let Some(call) = decision::settle_call(cfg, &payment) else {
+            self.deny(&Denial::PaymentUnavailable(x402_wire::FacilitatorError::DispatchFailed));
+            return Action::Pause;
+        };
+        match self.dispatch(cfg, &call) {
+            Ok(token) => {
+                self.x402_settling = Some((token, payment));
+                self.in_flight = Some((call, 1));
+                Action::Pause
+            }
+            Err(status) => {
+                log::error!("cannot call cluster {:?}: {status:?}", target_cluster(cfg, call.to));
+                self.deny(&Denial::PaymentUnavailable(x402_wire::FacilitatorError::DispatchFailed));
+                Action::Pause
+            }
+        }
+    }
+
+    /// Gives the payment's claim back (nothing was settled): the client may
+    /// send the same payment again. Not waited for: an unreleased claim
+    /// expires after the requirement's `maxTimeoutSeconds`.
+    fn release_claim(&mut self, cfg: &Config) {
+        if let Some(claim) = self.x402_claim.take() {
+            let call = decision::release_claim(cfg, &claim);
+            if let Err(status) = self.dispatch(cfg, &call) {
+                log::warn!("cannot release x402 claim: {status:?}; it expires by itself");
+            }
+        }
+    }
+
+    /// The facilitator answered the `/settle` a response waits for.
+    fn payment_settled(&mut self, cfg: &Config, payment: &Payment, num_headers: usize, body_size: usize) {
+        let outcome = self.call_outcome(cfg, num_headers, body_size);
+        self.in_flight = None;
+        match decision::x402_settled(outcome, payment) {
+            Ok((transaction, receipt)) => {
+                self.metrics.count(metrics::X402_SETTLED);
+                log::info!("x402 payment settled in {transaction}");
+                self.add_http_response_header(x402_wire::PAYMENT_RESPONSE, &receipt);
+                self.resume_http_response();
+            }
+            // The upstream's response is not delivered unpaid.
+            Err(denial) => self.deny(&denial),
+        }
+    }
+
     /// Sends the capture or release of the request's hold. Returns whether a
     /// callout is now in flight.
     fn settle(&mut self, cfg: &Config, hold: &str, upstream_status: Option<u16>) -> bool {
@@ -595,6 +699,12 @@ impl Gate {
     /// What a callout's answer was, as the decision logic needs it (and
     /// counted in the callout metrics).
     fn call_outcome(&self, cfg: &Config, num_headers: usize, body_size: usize) -> CallOutcome {
+        if let Some((call, _)) = &self.in_flight {
+            if call.to == CallTarget::Facilitator {
+                let cap = cfg.facilitator.as_ref().map_or(0, |f| f.max_response_bytes);
+                return read_outcome(self, num_headers, body_size, cap);
+            }
+        }
         let outcome = self.read_call_outcome(cfg, num_headers, body_size);
         let elapsed = self.get_current_time().duration_since(self.dispatched_at).unwrap_or_default();
         self.metrics.latency_ms(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
@@ -642,6 +752,13 @@ impl Context for Gate {
                 self.resume_http_request();
             }
             return;
+        }
+        if let Some((token, payment)) = self.x402_settling.take() {
+            if token == token_id {
+                self.payment_settled(&cfg, &payment, num_headers, body_size);
+                return;
+            }
+            self.x402_settling = Some((token, payment));
         }
         if let Some((token, hold, capturing)) = self.settling.take() {
             if token == token_id {
@@ -707,6 +824,12 @@ impl HttpContext for Gate {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(receipt) = self.receipt.take() {
+            self.add_http_response_header(x402_wire::PAYMENT_RESPONSE, &receipt);
+        }
+        if let (Some(cfg), Some(payment)) = (self.config.clone(), self.x402_settle.take()) {
+            return self.settle_payment(&cfg, payment);
+        }
         let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) else {
             return Action::Continue;
         };
@@ -726,7 +849,10 @@ impl HttpContext for Gate {
     fn on_log(&mut self) {
         // The stream ended with no response (client gone): try to release at
         // once; if Envoy cancels this callout with the stream, the hold
-        // expires and is released by the service.
+        // expires and is released by the service (an x402 claim likewise).
+        if let (Some(cfg), Some(_)) = (self.config.clone(), self.x402_settle.take()) {
+            self.release_claim(&cfg);
+        }
         if let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) {
             self.settle(&cfg, &hold, None);
         }

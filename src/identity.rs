@@ -17,13 +17,22 @@ pub const CREDITS_REMAINING: &str = "x-dialtone-credits-remaining";
 pub const CHARGED: &str = "x-dialtone-charged";
 /// The policy route that matched.
 pub const ROUTE: &str = "x-dialtone-route";
+/// An x402 payment the facilitator verified: who paid, on which network,
+/// how much of which asset, and (once settled) the transaction.
+pub const X402_PAYER: &str = "x-dialtone-x402-payer";
+pub const X402_NETWORK: &str = "x-dialtone-x402-network";
+pub const X402_AMOUNT: &str = "x-dialtone-x402-amount";
+pub const X402_ASSET: &str = "x-dialtone-x402-asset";
+pub const X402_TRANSACTION: &str = "x-dialtone-x402-transaction";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
     Privy,
     ApiKey,
     Admin,
-    /// No Bearer credential: a public route or an x402 payment.
+    /// No Bearer credential, paid with x402.
+    X402,
+    /// No credential at all: a public route (or an unmatched request let through).
     Anonymous,
 }
 
@@ -33,6 +42,7 @@ impl AuthMethod {
             AuthMethod::Privy => "privy",
             AuthMethod::ApiKey => "apikey",
             AuthMethod::Admin => "admin",
+            AuthMethod::X402 => "x402",
             AuthMethod::Anonymous => "none",
         }
     }
@@ -46,15 +56,28 @@ pub struct Identity {
     pub key_prefix: Option<String>,
     pub credits_remaining: Option<i64>,
     pub charged: u64,
+    /// The x402 payment of this request, once the facilitator verified it.
+    pub payment: Option<PaidWith>,
+}
+
+/// A verified x402 payment, as the upstream is told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidWith {
+    pub payer: String,
+    pub network: String,
+    pub amount: String,
+    pub asset: String,
+    /// Set once settled (before the upstream, for `settle: before_upstream`).
+    pub transaction: Option<String>,
 }
 
 impl Identity {
     pub fn anonymous() -> Self {
-        Identity { method: AuthMethod::Anonymous, account: None, key_prefix: None, credits_remaining: None, charged: 0 }
+        Identity { method: AuthMethod::Anonymous, account: None, key_prefix: None, credits_remaining: None, charged: 0, payment: None }
     }
 
     pub fn admin() -> Self {
-        Identity { method: AuthMethod::Admin, account: None, key_prefix: None, credits_remaining: None, charged: 0 }
+        Identity { method: AuthMethod::Admin, ..Identity::anonymous() }
     }
 
     /// The headers to add upstream (after every client `x-dialtone-*` header was removed).
@@ -62,6 +85,9 @@ impl Identity {
         let mut h = Vec::with_capacity(6);
         if self.method != AuthMethod::Anonymous {
             h.push((AUTH_METHOD, self.method.as_str().to_owned()));
+        }
+        // Credits charged: not a thing for an x402 payment (its headers say what was paid).
+        if !matches!(self.method, AuthMethod::Anonymous | AuthMethod::X402) {
             h.push((CHARGED, self.charged.to_string()));
         }
         if let Some(a) = &self.account {
@@ -75,6 +101,15 @@ impl Identity {
         }
         if let Some(r) = route {
             h.push((ROUTE, r.to_owned()));
+        }
+        if let Some(p) = &self.payment {
+            h.push((X402_PAYER, p.payer.clone()));
+            h.push((X402_NETWORK, p.network.clone()));
+            h.push((X402_AMOUNT, p.amount.clone()));
+            h.push((X402_ASSET, p.asset.clone()));
+            if let Some(tx) = &p.transaction {
+                h.push((X402_TRANSACTION, tx.clone()));
+            }
         }
         h
     }
@@ -109,6 +144,7 @@ mod tests {
             key_prefix: Some("abc12345".into()),
             credits_remaining: Some(9),
             charged: 1,
+            payment: None,
         };
         let h = id.headers(Some("sms_send"));
         assert!(h.contains(&(AUTH_METHOD, "apikey".into())));

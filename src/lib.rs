@@ -20,6 +20,7 @@ pub mod jwks;
 pub mod metrics;
 pub mod policy;
 pub mod privy_jwt;
+pub mod x402;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

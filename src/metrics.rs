@@ -9,7 +9,9 @@ use crate::identity::AuthMethod;
 pub const ALLOWED_PRIVY: &str = "dialtone.allowed.privy";
 pub const ALLOWED_APIKEY: &str = "dialtone.allowed.apikey";
 pub const ALLOWED_ADMIN: &str = "dialtone.allowed.admin";
-/// Public routes and x402 payments.
+/// Paid with x402 (no Bearer).
+pub const ALLOWED_X402: &str = "dialtone.allowed.x402";
+/// Public routes (and unmatched requests let through).
 pub const ALLOWED_ANONYMOUS: &str = "dialtone.allowed.anonymous";
 
 /// Requests refused, by the `error` code of the reply.
@@ -20,6 +22,8 @@ pub const DENIED_PAYMENT_REQUIRED: &str = "dialtone.denied.payment_required";
 pub const DENIED_ROUTE_NOT_ALLOWED: &str = "dialtone.denied.route_not_allowed";
 pub const DENIED_CREDITS_UNAVAILABLE: &str = "dialtone.denied.credits_unavailable";
 pub const DENIED_RATE_LIMITED: &str = "dialtone.denied.rate_limited";
+pub const DENIED_PAYMENT_FAILED: &str = "dialtone.denied.payment_failed";
+pub const DENIED_PAYMENT_UNAVAILABLE: &str = "dialtone.denied.payment_unavailable";
 
 /// Refusals by reason, under their code: `dialtone.denied.<code>.<reason>`
 /// (401s by what was wrong with the credential, 503s by what was wrong with
@@ -37,6 +41,7 @@ pub const UNAUTHORIZED_REASONS: &[&str] = &[
     "dialtone.denied.unauthorized.unknown_key",
     "dialtone.denied.unauthorized.key_revoked",
     "dialtone.denied.unauthorized.key_expired",
+    "dialtone.denied.unauthorized.kind_not_accepted",
 ];
 pub const UNAVAILABLE_REASONS: &[&str] = &[
     "dialtone.denied.credits_unavailable.unreachable",
@@ -45,6 +50,34 @@ pub const UNAVAILABLE_REASONS: &[&str] = &[
     "dialtone.denied.credits_unavailable.too_large",
     "dialtone.denied.credits_unavailable.inconsistent",
     "dialtone.denied.credits_unavailable.dispatch_failed",
+];
+
+pub const PAYMENT_UNAVAILABLE_REASONS: &[&str] = &[
+    "dialtone.denied.payment_unavailable.unreachable",
+    "dialtone.denied.payment_unavailable.bad_status",
+    "dialtone.denied.payment_unavailable.garbage",
+    "dialtone.denied.payment_unavailable.too_large",
+    "dialtone.denied.payment_unavailable.dispatch_failed",
+];
+
+/// x402 payments by outcome: verified by the facilitator; invalid (refused
+/// here before any callout, by reason, or by the facilitator); settled;
+/// settlement refused; the facilitator unusable.
+pub const X402_VERIFIED: &str = "dialtone.x402.verified";
+pub const X402_SETTLED: &str = "dialtone.x402.settled";
+pub const X402_SETTLE_FAILED: &str = "dialtone.x402.settle_failed";
+pub const X402_UNAVAILABLE: &str = "dialtone.x402.unavailable";
+pub const X402_INVALID: &[&str] = &[
+    "dialtone.x402.invalid.too_large",
+    "dialtone.x402.invalid.repeated",
+    "dialtone.x402.invalid.base64",
+    "dialtone.x402.invalid.json",
+    "dialtone.x402.invalid.version",
+    "dialtone.x402.invalid.incomplete",
+    "dialtone.x402.invalid.mismatch",
+    "dialtone.x402.invalid.v1",
+    "dialtone.x402.invalid.in_use",
+    "dialtone.x402.invalid.facilitator",
 ];
 
 /// Callouts to the key/credits service by result: answered (any status the
@@ -101,11 +134,24 @@ pub const COUNTERS: &[&str] = &[
     JWKS_FETCHED,
     JWKS_FAILED,
     JWKS_EXPIRED,
+    ALLOWED_X402,
+    DENIED_PAYMENT_FAILED,
+    DENIED_PAYMENT_UNAVAILABLE,
+    X402_VERIFIED,
+    X402_SETTLED,
+    X402_SETTLE_FAILED,
+    X402_UNAVAILABLE,
 ];
 
 /// Every counter: the named ones and the reasons.
 pub fn all_counters() -> impl Iterator<Item = &'static str> {
-    COUNTERS.iter().chain(UNAUTHORIZED_REASONS).chain(UNAVAILABLE_REASONS).copied()
+    COUNTERS
+        .iter()
+        .chain(UNAUTHORIZED_REASONS)
+        .chain(UNAVAILABLE_REASONS)
+        .chain(PAYMENT_UNAVAILABLE_REASONS)
+        .chain(X402_INVALID)
+        .copied()
 }
 
 /// The reason counter of a refusal, for 401s and 503s (each one of
@@ -113,6 +159,7 @@ pub fn all_counters() -> impl Iterator<Item = &'static str> {
 pub fn denied_reason(d: &Denial) -> Option<&'static str> {
     use crate::credits_api::ServiceError as S;
     use crate::denial::AuthFailure as A;
+    use crate::x402::FacilitatorError as F;
     use crate::privy_jwt::JwtError as J;
     Some(match d {
         Denial::Unauthorized(why) => match why {
@@ -128,6 +175,7 @@ pub fn denied_reason(d: &Denial) -> Option<&'static str> {
             A::UnknownKey => "dialtone.denied.unauthorized.unknown_key",
             A::Revoked => "dialtone.denied.unauthorized.key_revoked",
             A::Expired => "dialtone.denied.unauthorized.key_expired",
+            A::KindNotAccepted => "dialtone.denied.unauthorized.kind_not_accepted",
         },
         Denial::CreditsUnavailable(e) => match e {
             S::Unavailable => "dialtone.denied.credits_unavailable.unreachable",
@@ -137,6 +185,36 @@ pub fn denied_reason(d: &Denial) -> Option<&'static str> {
             S::Inconsistent => "dialtone.denied.credits_unavailable.inconsistent",
             S::DispatchFailed => "dialtone.denied.credits_unavailable.dispatch_failed",
         },
+        Denial::PaymentUnavailable(e) => match e {
+            F::Unavailable => "dialtone.denied.payment_unavailable.unreachable",
+            F::Status(_) => "dialtone.denied.payment_unavailable.bad_status",
+            F::Garbage => "dialtone.denied.payment_unavailable.garbage",
+            F::TooLarge => "dialtone.denied.payment_unavailable.too_large",
+            F::DispatchFailed => "dialtone.denied.payment_unavailable.dispatch_failed",
+        },
+        _ => return None,
+    })
+}
+
+/// The x402 outcome a refusal counts as, if it is about a payment.
+pub fn x402_outcome(d: &Denial) -> Option<&'static str> {
+    use crate::denial::PaymentRefusal as R;
+    use crate::x402::PaymentError as P;
+    Some(match d {
+        Denial::PaymentRequired { refused: Some(r), .. } => match r {
+            R::Local(P::TooLarge) => "dialtone.x402.invalid.too_large",
+            R::Local(P::Repeated) => "dialtone.x402.invalid.repeated",
+            R::Local(P::Base64) => "dialtone.x402.invalid.base64",
+            R::Local(P::Json) => "dialtone.x402.invalid.json",
+            R::Local(P::Version) => "dialtone.x402.invalid.version",
+            R::Local(P::Incomplete) => "dialtone.x402.invalid.incomplete",
+            R::Local(P::Mismatch) => "dialtone.x402.invalid.mismatch",
+            R::Local(P::V1) => "dialtone.x402.invalid.v1",
+            R::Local(P::InUse) => "dialtone.x402.invalid.in_use",
+            R::Facilitator(_) => "dialtone.x402.invalid.facilitator",
+        },
+        Denial::PaymentFailed { .. } => X402_SETTLE_FAILED,
+        Denial::PaymentUnavailable(_) => X402_UNAVAILABLE,
         _ => return None,
     })
 }
@@ -146,6 +224,7 @@ pub fn allowed(method: AuthMethod) -> &'static str {
         AuthMethod::Privy => ALLOWED_PRIVY,
         AuthMethod::ApiKey => ALLOWED_APIKEY,
         AuthMethod::Admin => ALLOWED_ADMIN,
+        AuthMethod::X402 => ALLOWED_X402,
         AuthMethod::Anonymous => ALLOWED_ANONYMOUS,
     }
 }
@@ -159,6 +238,8 @@ pub fn denied(d: &Denial) -> &'static str {
         Denial::RouteNotAllowed => DENIED_ROUTE_NOT_ALLOWED,
         Denial::CreditsUnavailable(_) => DENIED_CREDITS_UNAVAILABLE,
         Denial::RateLimited { .. } => DENIED_RATE_LIMITED,
+        Denial::PaymentFailed { .. } => DENIED_PAYMENT_FAILED,
+        Denial::PaymentUnavailable(_) => DENIED_PAYMENT_UNAVAILABLE,
     }
 }
 
@@ -175,6 +256,8 @@ mod tests {
             Denial::RouteNotAllowed,
             Denial::CreditsUnavailable(crate::credits_api::ServiceError::Unavailable),
             Denial::RateLimited { retry_after: 1 },
+            Denial::PaymentFailed { reason: "r".into(), receipt: String::new() },
+            Denial::PaymentUnavailable(crate::x402::FacilitatorError::Garbage),
         ];
         for d in &denials {
             assert_eq!(denied(d), format!("dialtone.denied.{}", d.code()));
@@ -210,7 +293,7 @@ mod tests {
         // Every reason the match can give is a defined counter.
         use crate::bearer::{BearerError, ClassifyError};
         let mut whys = vec![A::Missing, A::Header(BearerError::TooLong), A::Format(ClassifyError::UnknownFormat)];
-        whys.extend([A::PrivyNotConfigured, A::UnknownKey, A::Revoked, A::Expired]);
+        whys.extend([A::PrivyNotConfigured, A::UnknownKey, A::Revoked, A::Expired, A::KindNotAccepted]);
         whys.extend(
             [J::Structure, J::UnknownKid, J::Signature, J::Issuer, J::Audience, J::Expired, J::NotYetValid, J::IssuedInFuture]
                 .map(A::Jwt),
@@ -222,7 +305,39 @@ mod tests {
         listed.sort_unstable();
         assert_eq!(given, listed, "the match and the list name the same reasons");
         for name in all_counters() {
-            assert!(name.starts_with("dialtone.") && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+            assert!(name.starts_with("dialtone.") && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_'));
+        }
+    }
+
+    #[test]
+    fn payment_outcomes_are_counted_by_reason() {
+        use crate::denial::PaymentRefusal as R;
+        use crate::x402::{FacilitatorError as F, PaymentError as P};
+        let offer = crate::policy::X402Offer {
+            description: String::new(),
+            mime_type: String::new(),
+            accepts: vec![],
+            settle: crate::policy::Settle::AfterResponse,
+        };
+        let refused = |r: Option<R>| Denial::PaymentRequired { offer: Box::new(offer.clone()), resource_url: String::new(), refused: r };
+        assert_eq!(x402_outcome(&refused(None)), None, "no payment sent: not a payment outcome");
+        let mut given: Vec<&str> = [P::TooLarge, P::Repeated, P::Base64, P::Json, P::Version, P::Incomplete, P::Mismatch, P::V1, P::InUse]
+            .into_iter()
+            .map(|p| {
+                let name = x402_outcome(&refused(Some(R::Local(p)))).unwrap();
+                assert_eq!(name, format!("dialtone.x402.invalid.{}", p.reason()));
+                name
+            })
+            .collect();
+        given.push(x402_outcome(&refused(Some(R::Facilitator("x".into())))).unwrap());
+        given.sort_unstable();
+        let mut listed = X402_INVALID.to_vec();
+        listed.sort_unstable();
+        assert_eq!(given, listed);
+        for e in [F::Unavailable, F::Status(500), F::Garbage, F::TooLarge, F::DispatchFailed] {
+            let d = Denial::PaymentUnavailable(e);
+            assert_eq!(denied_reason(&d), Some(format!("dialtone.denied.payment_unavailable.{}", e.reason())).as_deref());
+            assert_eq!(x402_outcome(&d), Some(X402_UNAVAILABLE));
         }
     }
 }

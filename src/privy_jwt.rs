@@ -20,8 +20,7 @@ use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
+use base64ct::{Base64, Base64UrlUnpadded, Encoding};
 use jwt_compact::{Algorithm, AlgorithmSignature, Claims, TimeOptions, UntrustedToken, ValidationError};
 use p256::ecdsa::{Signature, VerifyingKey};
 use serde::Deserialize;
@@ -98,10 +97,38 @@ impl std::fmt::Display for KeyError {
     }
 }
 
+/// The DER of a P-256 `SubjectPublicKeyInfo` up to its point (RFC 5480):
+/// SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused
+/// bits) { point } }, for the 65-byte uncompressed and 33-byte compressed forms.
+const SPKI_P256_UNCOMPRESSED: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+    0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+const SPKI_P256_COMPRESSED: [u8; 26] = [
+    0x30, 0x39, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+    0x03, 0x01, 0x07, 0x03, 0x22, 0x00,
+];
+
 /// Parses the PEM SPKI key that the Privy dashboard shows.
+///
+/// A P-256 SPKI is a fixed DER prefix followed by the SEC1 point, so the
+/// DER is matched byte for byte instead of parsed (the `der`/`spki`/`pkcs8`
+/// crates cost about 30 KB of `.wasm`); p256 checks the point is on the curve.
 pub fn key_from_pem(pem: &str) -> Result<EsKey, KeyError> {
-    use p256::pkcs8::DecodePublicKey;
-    let key = VerifyingKey::from_public_key_pem(pem.trim()).map_err(|_| KeyError::Pem)?;
+    let body = pem
+        .trim()
+        .strip_prefix("-----BEGIN PUBLIC KEY-----")
+        .and_then(|rest| rest.strip_suffix("-----END PUBLIC KEY-----"))
+        .ok_or(KeyError::Pem)?;
+    let b64: String = body.split_ascii_whitespace().collect();
+    let der = Base64::decode_vec(&b64).map_err(|_| KeyError::Pem)?;
+    let point = match (der.len(), der.get(..26)) {
+        (91, Some(prefix)) if prefix == SPKI_P256_UNCOMPRESSED => der.get(26..),
+        (59, Some(prefix)) if prefix == SPKI_P256_COMPRESSED => der.get(26..),
+        _ => None,
+    }
+    .ok_or(KeyError::Pem)?;
+    let key = VerifyingKey::from_sec1_bytes(point).map_err(|_| KeyError::Pem)?;
     Ok(EsKey::new(None, key))
 }
 
@@ -147,7 +174,7 @@ pub fn keys_from_jwks_reusing(jwks: &Value, previous: &[EsKey], max_keys: usize)
         }
         let coord = |name: &str| -> Result<[u8; 32], KeyError> {
             let b = field(name)
-                .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
+                .and_then(|s| Base64UrlUnpadded::decode_vec(s).ok())
                 .ok_or(KeyError::Jwks("EC key coordinates must be base64url"))?;
             <[u8; 32]>::try_from(b.as_slice()).map_err(|_| KeyError::Jwks("P-256 coordinates are 32 bytes"))
         };
@@ -561,8 +588,9 @@ pub fn is_header_safe(s: &str) -> bool {
 }
 
 fn b64(segment: &str) -> Result<Vec<u8>, JwtError> {
-    // URL_SAFE_NO_PAD refuses '=', '+', '/', whitespace and non-zero trailing bits.
-    URL_SAFE_NO_PAD.decode(segment).map_err(|_| JwtError::Base64)
+    // Unpadded base64url, strictly: '=', '+', '/', whitespace and non-zero
+    // trailing bits are refused (base64ct, as jwt-compact decodes).
+    Base64UrlUnpadded::decode_vec(segment).map_err(|_| JwtError::Base64)
 }
 
 /// Parses a JSON object (not an array: serde's derive would also accept a
@@ -579,6 +607,8 @@ fn json_object<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
     use p256::ecdsa::signature::Signer;
     use p256::ecdsa::SigningKey;
 
@@ -858,5 +888,35 @@ mod tests {
         assert!(Es256Tables.verify_signature(&Es256Signature(high), &key, good.rsplit_once('.').unwrap().0.as_bytes()));
         assert!(Es256Signature::try_from_slice(&[0; 64]).is_err(), "r = s = 0");
         assert_eq!(Es256Signature(sig.0).as_bytes().len(), 64);
+    }
+
+    #[test]
+    fn pem_keys_are_read_byte_for_byte_and_anything_else_refused() {
+        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        let vk = *signing_key().verifying_key();
+        let pem = vk.to_public_key_pem(LineEnding::LF).unwrap();
+        assert_eq!(key_from_pem(&pem).unwrap().key, vk);
+        assert_eq!(key_from_pem(&format!("  {}\r\n", pem.replace('\n', "\r\n"))).unwrap().key, vk, "CRLF and blanks");
+        // The compressed form of the same key.
+        let compressed = p256::PublicKey::from(vk).to_public_key_der().unwrap();
+        let der = compressed.as_bytes();
+        assert_eq!(der.len(), 91, "p256 writes the uncompressed form");
+        let point = vk.to_encoded_point(true);
+        let mut cder = SPKI_P256_COMPRESSED.to_vec();
+        cder.extend_from_slice(point.as_bytes());
+        let cpem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", base64::engine::general_purpose::STANDARD.encode(&cder));
+        assert_eq!(key_from_pem(&cpem).unwrap().key, vk);
+        // Refused: not a PEM, another curve's prefix, a point off the curve,
+        // a truncated key, a private key.
+        let mut off = der.to_vec();
+        off[90] ^= 1;
+        let off_pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----", base64::engine::general_purpose::STANDARD.encode(&off));
+        let mut p384ish = der.to_vec();
+        p384ish[22] = 0x22; // secp384r1's OID ends in 0x22
+        let p384_pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----", base64::engine::general_purpose::STANDARD.encode(&p384ish));
+        let short = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----", base64::engine::general_purpose::STANDARD.encode(&der[..90]));
+        for bad in ["", "not a key", &off_pem, &p384_pem, &short, &pem.replace("PUBLIC KEY", "PRIVATE KEY"), &pem.replace('M', "*")] {
+            assert_eq!(key_from_pem(bad).unwrap_err(), KeyError::Pem, "{bad}");
+        }
     }
 }

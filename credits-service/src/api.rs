@@ -1,6 +1,6 @@
 //! The credits HTTP API (documented in `docs/credits-service.openapi.yaml`).
 //!
-//! Called by the filter (no authentication: bind it where only Envoy reaches):
+//! Called by the filter, with `x-dialtone-service-key` (see [`ServiceAuth`]):
 //! - `POST /v1/keys/lookup`              resolve a key hash to account, scopes, state, balance
 //! - `POST /v1/debit`                    charge credits, idempotently (optional `rate_limit`)
 //! - `POST /v1/holds`                    reserve credits (charge on success; optional `rate_limit`)
@@ -8,29 +8,40 @@
 //! - `POST /v1/holds/{id}/release`       give a hold back (e.g. the upstream failed)
 //! - `POST /v1/ratelimit`                take one request from the account's bucket
 //! - `GET  /v1/accounts/{id}`            balance of an account
-//! - `GET  /healthz`                     liveness
 //!
 //! Operator admin API under `/v1/admin/`, behind `Authorization: Bearer
 //! <DIAL_ADMIN_API_KEY>` (see [`AdminAuth`]): keys, top-ups, ledger,
 //! refunds, `check`.
 //!
+//! Without a key: `GET /healthz` (alive), `GET /readyz` (the database
+//! answers), `GET /metrics` (Prometheus text; keep it off public networks).
+//!
+//! Handlers are thin: read the body, call the database, map the outcome.
 //! The filter never sends secrets here, only SHA-256 hashes of them.
 
-use crate::http::{percent_decode, Handler, Reply, RequestCtx, RunningServer};
-use crate::keys::{self, Expiry, KeyKind};
-use crate::store::{
-    DebitOutcome, DebitRequest, HoldOutcome, HoldRequest, KeyRecord, NewKey,
-    RateDecision, RateLimit, RefundOutcome, ReleaseReason, SettleOutcome, Store, StoreError,
+use crate::auth::AdminRefusal;
+pub use crate::auth::{
+    AdminAuth, ServiceAuth, ADMIN_KEY_ENV, ADMIN_REALM, MIN_ADMIN_KEY_CHARS, SERVICE_KEY_HEADER,
 };
+use crate::backend::{Db, DbOptions};
+use crate::http::{percent_decode, read_body, record_key_prefix, HttpConfig, Reply, RunningServer};
+use crate::keys::{self, Expiry, KeyKind, KeyState};
+use crate::rules;
+use crate::store::{
+    DebitOutcome, DebitRequest, HoldOutcome, HoldRequest, KeyRecord, NewKey, RateDecision,
+    RateLimit, RefundOutcome, ReleaseReason, SettleOutcome, StoreError,
+};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
-
-/// The store shared by all worker threads. SQLite serialises writers anyway,
-/// and every request is a few short statements, so one connection is enough.
-pub type SharedStore = Arc<Mutex<Store>>;
+use std::sync::Arc;
 
 /// Source of the current unix time in seconds; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -38,14 +49,10 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 /// Source of the current unix time in milliseconds; injectable for tests.
 pub type ClockMs = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// Environment variable holding the operator admin key.
-pub const ADMIN_KEY_ENV: &str = "DIAL_ADMIN_API_KEY";
-/// Shortest admin key accepted; shorter (or unset) disables the admin API.
-pub const MIN_ADMIN_KEY_CHARS: usize = 16;
-/// Realm of the admin API's `WWW-Authenticate` challenge.
-pub const ADMIN_REALM: &str = "dialtone-admin";
 /// Default and largest page of `GET /v1/admin/accounts/{a}/ledger`.
 pub const DEFAULT_LEDGER_LIMIT: i64 = 100;
+/// Default lifetime of an API token when none is given.
+pub const DEFAULT_TOKEN_EXPIRY: Expiry = Expiry::Days(90);
 
 /// The production clock (seconds).
 pub fn system_clock() -> Clock {
@@ -57,111 +64,291 @@ pub fn system_clock_ms() -> ClockMs {
     Arc::new(crate::store::unix_now_ms)
 }
 
-/// Who may use `/v1/admin/*`: nobody (`Disabled`), or the holder of the key
-/// whose SHA-256 is kept here (the key itself is not kept).
-#[derive(Clone)]
-pub enum AdminAuth {
-    Disabled,
-    Key([u8; 32]),
-}
-
-impl AdminAuth {
-    /// From the configured key: unset or shorter than 16 characters disables.
-    pub fn from_key(key: Option<&str>) -> AdminAuth {
-        match key {
-            Some(k) if k.chars().count() >= MIN_ADMIN_KEY_CHARS => {
-                AdminAuth::Key(Sha256::digest(k.as_bytes()).into())
-            }
-            _ => AdminAuth::Disabled,
-        }
-    }
-
-    /// From `DIAL_ADMIN_API_KEY`.
-    pub fn from_env() -> AdminAuth {
-        let key = std::env::var(ADMIN_KEY_ENV).ok();
-        AdminAuth::from_key(key.as_deref())
-    }
-
-    /// `Ok` when the request carries the admin key; otherwise the reply.
-    fn authorize(&self, req: &RequestCtx) -> Result<(), Reply> {
-        let AdminAuth::Key(expected) = self else {
-            return Err(Reply::error(403, "admin_disabled"));
-        };
-        let unauthorized = || {
-            Reply::error(401, "unauthorized")
-                .with_header("WWW-Authenticate", format!("Bearer realm=\"{ADMIN_REALM}\""))
-        };
-        let presented = req
-            .header("authorization")
-            .and_then(|h| {
-                let (scheme, token) = h.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or_else(unauthorized)?;
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        // Constant time: fold every byte difference, branch once.
-        let diff = digest
-            .iter()
-            .zip(expected.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 {
-            Ok(())
-        } else {
-            Err(unauthorized())
-        }
-    }
-}
-
-/// Everything a handler needs besides the store.
+/// Everything a handler needs besides the database.
 #[derive(Clone)]
 pub struct ApiConfig {
     pub clock_ms: ClockMs,
     pub admin: AdminAuth,
+    /// Secrets accepted on `/v1/*` (not `/v1/admin/*`).
+    pub service: ServiceAuth,
 }
 
 impl ApiConfig {
-    /// System clock, admin key from `DIAL_ADMIN_API_KEY`.
+    /// System clock; admin key from `DIAL_ADMIN_API_KEY`; service keys from
+    /// `DIAL_SERVICE_KEY` (+ `_PREVIOUS`), none (every `/v1/*` call
+    /// refused) if unset or invalid.
     pub fn from_env() -> ApiConfig {
         ApiConfig {
             clock_ms: system_clock_ms(),
             admin: AdminAuth::from_env(),
+            service: ServiceAuth::from_env()
+                .ok()
+                .flatten()
+                .unwrap_or_else(ServiceAuth::none),
         }
     }
 
-    /// A seconds clock (tests), admin key from the environment.
+    /// A seconds clock (tests); keys as [`ApiConfig::from_env`].
     pub fn with_clock(clock: Clock) -> ApiConfig {
         ApiConfig {
             clock_ms: Arc::new(move || clock().saturating_mul(1000)),
-            admin: AdminAuth::from_env(),
+            ..ApiConfig::from_env()
         }
     }
 }
 
-/// Start the credits API on `listen` with `workers` threads.
-pub fn start(listen: &str, workers: usize, store: SharedStore) -> io::Result<RunningServer> {
-    start_with_config(listen, workers, store, ApiConfig::from_env())
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<ApiConfig>,
+    pub http: Arc<HttpConfig>,
+}
+
+impl AppState {
+    fn now_ms(&self) -> i64 {
+        (self.config.clock_ms)()
+    }
+
+    fn now(&self) -> i64 {
+        self.now_ms().div_euclid(1000)
+    }
+
+    async fn body(&self, body: Body) -> Result<bytes::Bytes, Reply> {
+        read_body(
+            body,
+            self.http.max_body_bytes,
+            self.http.header_read_timeout,
+        )
+        .await
+    }
+}
+
+/// Start the credits API on `listen` with `workers` runtime threads, on the
+/// database `db` (a SQLite path or a `postgres://` URL).
+pub fn start(listen: &str, workers: usize, db: &str) -> io::Result<RunningServer> {
+    start_with_config(listen, workers, db, ApiConfig::from_env())
 }
 
 /// Like [`start`], with an explicit clock (seconds).
 pub fn start_with_clock(
     listen: &str,
     workers: usize,
-    store: SharedStore,
+    db: &str,
     clock: Clock,
 ) -> io::Result<RunningServer> {
-    start_with_config(listen, workers, store, ApiConfig::with_clock(clock))
+    start_with_config(listen, workers, db, ApiConfig::with_clock(clock))
 }
 
 /// Like [`start`], with an explicit configuration.
 pub fn start_with_config(
     listen: &str,
     workers: usize,
-    store: SharedStore,
+    db: &str,
     config: ApiConfig,
 ) -> io::Result<RunningServer> {
-    let handler: Handler = Arc::new(move |req: &RequestCtx| handle(&store, &config, req));
-    RunningServer::start(listen, workers, "credits", handler)
+    start_server(
+        listen,
+        workers,
+        db,
+        config,
+        HttpConfig::default(),
+        DbOptions::default(),
+    )
+}
+
+/// Like [`start`], with every setting explicit.
+pub fn start_server(
+    listen: &str,
+    workers: usize,
+    db: &str,
+    config: ApiConfig,
+    http: HttpConfig,
+    db_options: DbOptions,
+) -> io::Result<RunningServer> {
+    let db = db.to_string();
+    let http_for_router = Arc::new(http.clone());
+    RunningServer::start(listen, workers, "credits", http, move || {
+        Box::pin(async move {
+            let db = Db::open(&db, &db_options)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let state = AppState {
+                db: db.clone(),
+                config: Arc::new(config),
+                http: http_for_router,
+            };
+            Ok((router(state), Some(db)))
+        })
+    })
+}
+
+/// The credits API.
+pub fn router(state: AppState) -> Router {
+    let http = Arc::clone(&state.http);
+    let routes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/keys/lookup", post(lookup))
+        .route("/v1/debit", post(debit))
+        .route("/v1/holds", post(hold))
+        .route("/v1/holds/{id}/capture", post(capture))
+        .route("/v1/holds/{id}/release", post(release))
+        .route("/v1/ratelimit", post(ratelimit))
+        .route("/v1/x402/claims", post(claim_payment))
+        .route("/v1/x402/claims/{claim}/release", post(release_claim))
+        .route("/v1/accounts/{account}", get(account))
+        .route(
+            "/v1/admin/keys",
+            get(admin_list_keys).post(admin_create_key),
+        )
+        .route("/v1/admin/keys/{prefix}/revoke", post(admin_revoke))
+        .route("/v1/admin/accounts/{account}", get(admin_account))
+        .route("/v1/admin/accounts/{account}/topup", post(admin_topup))
+        .route("/v1/admin/accounts/{account}/ledger", get(admin_ledger))
+        .route("/v1/admin/refund", post(admin_refund))
+        .route("/v1/admin/check", get(admin_check))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state);
+    crate::http::router_layers(routes, "credits", &http)
+}
+
+async fn not_found() -> Reply {
+    Reply::error(404, "not_found")
+}
+
+/// 405 with the JSON body (axum adds the `Allow` header).
+async fn method_not_allowed() -> Reply {
+    Reply::error(405, "method_not_allowed")
+}
+
+fn is_admin_path(path: &str) -> bool {
+    path == "/v1/admin" || path.starts_with("/v1/admin/")
+}
+
+/// `/v1/admin/*` needs the admin key; every other `/v1/*` path the service
+/// key. A refused call never reaches a handler: nothing is read or written.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if is_admin_path(path) {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match state.config.admin.authorize(authorization) {
+            Ok(()) => {}
+            Err(AdminRefusal::Disabled) => {
+                return Reply::error(403, "admin_disabled").into_response()
+            }
+            Err(AdminRefusal::Unauthorized) => {
+                return Reply::error(401, "unauthorized")
+                    .with_header(
+                        "WWW-Authenticate",
+                        format!("Bearer realm=\"{ADMIN_REALM}\""),
+                    )
+                    .into_response()
+            }
+        }
+    } else if path.starts_with("/v1/") {
+        let presented = req.headers().get(SERVICE_KEY_HEADER).map(|v| v.as_bytes());
+        if !state.config.service.allows(presented) {
+            crate::metrics::service_key_rejected();
+            if warn_now() {
+                tracing::warn!(
+                    presented = presented.is_some(),
+                    "refused a call without a valid {SERVICE_KEY_HEADER} (logged at most every 10 s; \
+                     dialtone_credits_service_key_rejections_total counts them all)"
+                );
+            }
+            return Reply::json(401, json!({ "success": false, "error": "unauthorized" }))
+                .with_header(
+                    "WWW-Authenticate",
+                    format!("{SERVICE_KEY_HEADER} realm=\"dialtone-credits\""),
+                )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// At most one such warning per 10 s, so a flood of refused calls (or an
+/// outage under load) cannot flood the log; the metrics count them all.
+pub(crate) fn warn_now() -> bool {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    let now = crate::store::unix_now();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    now.saturating_sub(last) >= 10
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+}
+
+/// A store error as an answer: 400 for broken rules, 503 when the database
+/// is unreachable or busy, 500 (logged) otherwise.
+fn store_error(e: StoreError) -> Reply {
+    if e.is_unavailable() {
+        if warn_now() {
+            tracing::warn!(error = %e, "database unavailable (logged at most every 10 s)");
+        }
+        return Reply::unavailable();
+    }
+    match e {
+        StoreError::Invalid(msg) => Reply::bad_request(msg),
+        StoreError::AccountNotFound(_) => Reply::error(404, "account_not_found"),
+        other => {
+            tracing::error!(error = %other, "storage failure");
+            Reply::internal()
+        }
+    }
+}
+
+/// `Ok(value)` or the answer to give instead.
+type Answer<T> = Result<T, Reply>;
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Answer<T> {
+    serde_json::from_slice(body).map_err(|e| Reply::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn done(answer: Answer<Reply>) -> Reply {
+    answer.unwrap_or_else(|reply| reply)
+}
+
+/// The `n`-th segment of the raw (still percent-encoded) path.
+fn segment(uri: &Uri, n: usize) -> &str {
+    uri.path().split('/').nth(n).unwrap_or_default()
+}
+
+async fn healthz() -> Reply {
+    Reply::ok(json!({ "ok": true }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Reply {
+    match state.db.ping(std::time::Duration::from_secs(2)).await {
+        Ok(()) => Reply::ok(json!({ "ok": true })),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            Reply::json(503, json!({ "ok": false, "error": "unavailable" }))
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let open_holds = state.db.read(rules::OpenHolds {}).await.ok();
+    let text = crate::metrics::render(state.db.pool_stats(), open_holds);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -222,6 +409,15 @@ struct ReleaseBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    claim: String,
+    owner: String,
+    ttl_seconds: i64,
+    route: String,
+}
+
+#[derive(Deserialize)]
 struct RateBody {
     account: String,
     rate_limit: RateLimitBody,
@@ -261,97 +457,6 @@ struct AdminRefundBody {
     note: Option<String>,
 }
 
-/// Route one request with an explicit seconds clock and the admin key from
-/// the environment. Never panics; storage failures become 500 JSON.
-pub fn handle_with_clock(store: &Mutex<Store>, clock: Clock, req: &RequestCtx) -> Reply {
-    handle(store, &ApiConfig::with_clock(clock), req)
-}
-
-/// Route one request. Never panics; storage failures become 500 JSON.
-pub fn handle(store: &Mutex<Store>, config: &ApiConfig, req: &RequestCtx) -> Reply {
-    let path = req.path.as_str();
-    let method = req.method.as_str();
-    let now_ms = (config.clock_ms)();
-    let result = route(store, config, now_ms, req);
-    result.unwrap_or_else(|e| match e {
-        StoreError::Invalid(msg) => Reply::bad_request(msg),
-        StoreError::AccountNotFound(_) => Reply::error(404, "account_not_found"),
-        other => {
-            eprintln!("credits: {method} {path}: {other}");
-            Reply::internal()
-        }
-    })
-}
-
-fn route(
-    store: &Mutex<Store>,
-    config: &ApiConfig,
-    now_ms: i64,
-    req: &RequestCtx,
-) -> Result<Reply, StoreError> {
-    let path = req.path.as_str();
-    let method = req.method.as_str();
-    let post = |f: &dyn Fn() -> Result<Reply, StoreError>| match method {
-        "POST" => f(),
-        _ => Ok(Reply::method_not_allowed("POST")),
-    };
-    let get = |f: &dyn Fn() -> Result<Reply, StoreError>| match method {
-        "GET" => f(),
-        _ => Ok(Reply::method_not_allowed("GET")),
-    };
-    match path {
-        "/healthz" => return get(&|| Ok(Reply::ok(json!({ "ok": true })))),
-        "/v1/keys/lookup" => return post(&|| lookup(store, now_ms, req)),
-        "/v1/debit" => return post(&|| debit(store, now_ms, req)),
-        "/v1/holds" => return post(&|| hold(store, now_ms, req)),
-        "/v1/ratelimit" => return post(&|| ratelimit(store, now_ms, req)),
-        _ => {}
-    }
-    if let Some(rest) = path.strip_prefix("/v1/holds/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        return match parts.as_slice() {
-            [id, "capture"] if !id.is_empty() => post(&|| settle(store, now_ms, id, None, req)),
-            [id, "release"] if !id.is_empty() => {
-                post(&|| settle(store, now_ms, id, Some(()), req))
-            }
-            _ => Ok(Reply::error(404, "not_found")),
-        };
-    }
-    if path == "/v1/admin" || path.starts_with("/v1/admin/") {
-        if let Err(reply) = config.admin.authorize(req) {
-            return Ok(reply);
-        }
-        return admin(store, now_ms, req);
-    }
-    match path.strip_prefix("/v1/accounts/") {
-        Some(encoded) if !encoded.is_empty() && !encoded.contains('/') => {
-            get(&|| account(store, now_ms, encoded))
-        }
-        _ => Ok(Reply::error(404, "not_found")),
-    }
-}
-
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    // A panic while holding the lock cannot leave the database
-    // mid-transaction (the transaction guard rolls back on unwind), so
-    // poisoning is harmless.
-    store.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(req: &RequestCtx) -> Result<T, Reply> {
-    serde_json::from_slice(&req.body)
-        .map_err(|e| Reply::bad_request(format!("invalid JSON body: {e}")))
-}
-
-macro_rules! body_or_reply {
-    ($req:expr) => {
-        match parse_json($req) {
-            Ok(b) => b,
-            Err(reply) => return Ok(reply),
-        }
-    };
-}
-
 fn rate_limited(retry_after_seconds: i64) -> Reply {
     Reply::json(
         429,
@@ -367,119 +472,184 @@ fn insufficient(balance: i64, required: i64) -> Reply {
     )
 }
 
-fn lookup(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let body: LookupBody = body_or_reply!(req);
-    // Reads the key row on every call (no cache): a revoked key is refused
-    // on its very next request.
-    let found = lock(store).lookup_key(&body.key_sha256, now_ms.div_euclid(1000))?;
-    Ok(match found {
-        None => Reply::error(404, "key_not_found"),
-        Some(l) => Reply::ok(json!({
-            "account": l.key.account,
-            "key_prefix": l.key.prefix,
-            "kind": l.key.kind.as_str(),
-            "scopes": l.key.scopes,
-            "state": l.key.state.as_str(),
-            "expires_at": l.key.expires_at,
-            "balance": l.balance,
-        })),
-    })
+async fn lookup(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: LookupBody = parse_json(&state.body(body).await?)?;
+            let now = state.now();
+            // A read on a pooled reader (no cache): a revoked key is refused on
+            // its very next request, and a lookup never waits for the writer.
+            let found = state
+                .db
+                .read(rules::LookupKey {
+                    key_sha256: body.key_sha256.clone(),
+                    now,
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match found {
+                None => Reply::error(404, "key_not_found"),
+                Some(l) => {
+                    record_key_prefix(&l.key.prefix);
+                    if l.key.state == KeyState::Active {
+                        state.db.touch_key_later(&body.key_sha256, now);
+                    }
+                    Reply::ok(json!({
+                        "account": l.key.account,
+                        "key_prefix": l.key.prefix,
+                        "kind": l.key.kind.as_str(),
+                        "scopes": l.key.scopes,
+                        "state": l.key.state.as_str(),
+                        "expires_at": l.key.expires_at,
+                        "balance": l.balance,
+                    }))
+                }
+            })
+        }
+        .await,
+    )
 }
 
-fn debit(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let body: DebitBody = body_or_reply!(req);
-    let rate = body.rate_limit.as_ref().map(RateLimitBody::limit);
-    let request = DebitRequest {
-        account: body.account,
-        amount: body.amount,
-        idempotency_key: body.idempotency_key,
-        route: body.route,
-        key_prefix: body.key_prefix,
-    };
-    let outcome = lock(store).debit_limited(&request, rate.as_ref(), now_ms)?;
-    Ok(match outcome {
-        DebitOutcome::Charged {
-            account,
-            charged,
-            balance,
-            replayed,
-        } => Reply::ok(json!({
-            "account": account,
-            "charged": charged,
-            "balance": balance,
-            "replayed": replayed,
-        })),
-        DebitOutcome::Insufficient { balance, required } => insufficient(balance, required),
-        DebitOutcome::Conflict => Reply::error(409, "idempotency_conflict"),
-        DebitOutcome::RateLimited {
-            retry_after_seconds,
-        } => rate_limited(retry_after_seconds),
-    })
+async fn debit(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: DebitBody = parse_json(&state.body(body).await?)?;
+            if let Some(p) = &body.key_prefix {
+                record_key_prefix(p);
+            }
+            let rate = body.rate_limit.as_ref().map(RateLimitBody::limit);
+            let req = DebitRequest {
+                account: body.account,
+                amount: body.amount,
+                idempotency_key: body.idempotency_key,
+                route: body.route,
+                key_prefix: body.key_prefix,
+            };
+            let outcome = state
+                .db
+                .write(rules::Debit {
+                    req,
+                    rate,
+                    now_ms: state.now_ms(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match outcome {
+                DebitOutcome::Charged {
+                    account,
+                    charged,
+                    balance,
+                    replayed,
+                } => Reply::ok(json!({
+                    "account": account,
+                    "charged": charged,
+                    "balance": balance,
+                    "replayed": replayed,
+                })),
+                DebitOutcome::Insufficient { balance, required } => insufficient(balance, required),
+                DebitOutcome::Conflict => Reply::error(409, "idempotency_conflict"),
+                DebitOutcome::RateLimited {
+                    retry_after_seconds,
+                } => rate_limited(retry_after_seconds),
+            })
+        }
+        .await,
+    )
 }
 
-fn hold(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let body: HoldBody = body_or_reply!(req);
-    let rate = body.rate_limit.as_ref().map(RateLimitBody::limit);
-    let request = HoldRequest {
-        account: body.account,
-        amount: body.amount,
-        idempotency_key: body.idempotency_key,
-        ttl_seconds: body.ttl_seconds,
-        route: body.route,
-        key_prefix: body.key_prefix,
-    };
-    let outcome = lock(store).create_hold(&request, rate.as_ref(), now_ms)?;
-    Ok(match outcome {
-        HoldOutcome::Held(h) => Reply::ok(json!({
-            "hold_id": h.hold_id,
-            "account": h.account,
-            "amount": h.amount,
-            "balance": h.balance,
-            "expires_at": h.expires_at,
-            "replayed": h.replayed,
-        })),
-        HoldOutcome::Insufficient { balance, required } => insufficient(balance, required),
-        HoldOutcome::Conflict => Reply::error(409, "idempotency_conflict"),
-        HoldOutcome::RateLimited {
-            retry_after_seconds,
-        } => rate_limited(retry_after_seconds),
-    })
+async fn hold(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: HoldBody = parse_json(&state.body(body).await?)?;
+            if let Some(p) = &body.key_prefix {
+                record_key_prefix(p);
+            }
+            let rate = body.rate_limit.as_ref().map(RateLimitBody::limit);
+            let req = HoldRequest {
+                account: body.account,
+                amount: body.amount,
+                idempotency_key: body.idempotency_key,
+                ttl_seconds: body.ttl_seconds,
+                route: body.route,
+                key_prefix: body.key_prefix,
+            };
+            let outcome = state
+                .db
+                .write(rules::CreateHold {
+                    req,
+                    rate,
+                    now_ms: state.now_ms(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match outcome {
+                HoldOutcome::Held(h) => Reply::ok(json!({
+                    "hold_id": h.hold_id,
+                    "account": h.account,
+                    "amount": h.amount,
+                    "balance": h.balance,
+                    "expires_at": h.expires_at,
+                    "replayed": h.replayed,
+                })),
+                HoldOutcome::Insufficient { balance, required } => insufficient(balance, required),
+                HoldOutcome::Conflict => Reply::error(409, "idempotency_conflict"),
+                HoldOutcome::RateLimited {
+                    retry_after_seconds,
+                } => rate_limited(retry_after_seconds),
+            })
+        }
+        .await,
+    )
 }
 
-/// Capture (`release == None`) or release a hold.
-fn settle(
-    store: &Mutex<Store>,
-    now_ms: i64,
-    encoded_id: &str,
-    release: Option<()>,
-    req: &RequestCtx,
-) -> Result<Reply, StoreError> {
-    let Some(hold_id) = percent_decode(encoded_id) else {
-        return Ok(Reply::error(404, "hold_not_found"));
-    };
-    let now = now_ms.div_euclid(1000);
-    let outcome = match release {
-        None => lock(store).capture_hold(&hold_id, now)?,
-        Some(()) => {
-            let reason = if req.body.iter().all(u8::is_ascii_whitespace) {
+async fn capture(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(settle(&state, segment(&uri, 3), None).await)
+}
+
+async fn release(State(state): State<AppState>, uri: Uri, body: Body) -> Reply {
+    done(
+        async {
+            let body = state.body(body).await?;
+            let reason = if body.iter().all(u8::is_ascii_whitespace) {
                 ReleaseReason::Requested
             } else {
-                let body: ReleaseBody = body_or_reply!(req);
+                let body: ReleaseBody = parse_json(&body)?;
                 match body.reason.as_deref() {
                     None => ReleaseReason::Requested,
                     Some(r @ ("upstream_error" | "requested")) => {
                         ReleaseReason::parse(r).unwrap_or(ReleaseReason::Requested)
                     }
                     Some(other) => {
-                        return Ok(Reply::bad_request(format!(
+                        return Err(Reply::bad_request(format!(
                             "reason must be upstream_error or requested, got {other:?}"
                         )))
                     }
                 }
             };
-            lock(store).release_hold(&hold_id, reason, now)?
+            settle(&state, segment(&uri, 3), Some(reason)).await
         }
+        .await,
+    )
+}
+
+/// Capture (`release == None`) or release a hold.
+async fn settle(
+    state: &AppState,
+    encoded_id: &str,
+    release: Option<ReleaseReason>,
+) -> Answer<Reply> {
+    let Some(hold_id) = percent_decode(encoded_id) else {
+        return Ok(Reply::error(404, "hold_not_found"));
     };
+    let outcome = state
+        .db
+        .write(rules::Settle {
+            hold_id,
+            release,
+            now: state.now(),
+        })
+        .await
+        .map_err(store_error)?;
     Ok(match outcome {
         SettleOutcome::Settled(s) => {
             let mut body = json!({
@@ -503,36 +673,112 @@ fn settle(
     })
 }
 
-fn ratelimit(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let body: RateBody = body_or_reply!(req);
-    let decision = lock(store).rate_limit(&body.account, &body.rate_limit.limit(), now_ms)?;
-    Ok(match decision {
-        RateDecision::Allowed { remaining } => {
-            Reply::ok(json!({ "allowed": true, "remaining": remaining }))
+async fn ratelimit(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: RateBody = parse_json(&state.body(body).await?)?;
+            let decision = state
+                .db
+                .write(rules::RateTake {
+                    account: body.account,
+                    limit: body.rate_limit.limit(),
+                    now_ms: state.now_ms(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match decision {
+                RateDecision::Allowed { remaining } => {
+                    Reply::ok(json!({ "allowed": true, "remaining": remaining }))
+                }
+                RateDecision::Limited {
+                    retry_after_seconds,
+                } => rate_limited(retry_after_seconds),
+            })
         }
-        RateDecision::Limited {
-            retry_after_seconds,
-        } => rate_limited(retry_after_seconds),
-    })
+        .await,
+    )
 }
 
-fn account(store: &Mutex<Store>, now_ms: i64, encoded: &str) -> Result<Reply, StoreError> {
-    let Some(account) = percent_decode(encoded) else {
-        return Ok(Reply::bad_request(
-            "account path segment has an invalid percent-encoding",
-        ));
-    };
-    let summary = lock(store).account_summary(&account, now_ms.div_euclid(1000))?;
-    Ok(match summary {
-        None => Reply::error(404, "account_not_found"),
-        // total_credits is the balance across all credit sources; there is
-        // only one source today, so it equals the (available) balance.
-        Some(s) => Reply::ok(json!({
-            "account": account,
-            "balance": s.balance,
-            "total_credits": s.balance,
-        })),
-    })
+/// `POST /v1/x402/claims`: one request at a time on one x402 payment.
+async fn claim_payment(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: ClaimBody = parse_json(&state.body(body).await?)?;
+            let outcome = state
+                .db
+                .write(rules::ClaimPayment {
+                    claim: body.claim.clone(),
+                    owner: body.owner,
+                    route: body.route,
+                    ttl_seconds: body.ttl_seconds,
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match outcome {
+                rules::ClaimOutcome::Claimed { replayed } => Reply::json(
+                    if replayed { 200 } else { 201 },
+                    json!({ "claim": body.claim, "claimed": true, "replayed": replayed }),
+                ),
+                rules::ClaimOutcome::InUse => {
+                    Reply::json(409, json!({ "claim": body.claim, "error": "claim_in_use" }))
+                }
+            })
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/x402/claims/{claim}/release`: the upstream failed, nothing was
+/// settled; the same payment may be sent again.
+async fn release_claim(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(
+        async {
+            let claim = segment(&uri, 4).to_string();
+            let released = state
+                .db
+                .write(rules::ReleaseClaim { claim: claim.clone(), now: state.now() })
+                .await
+                .map_err(store_error)?;
+            Ok(if released {
+                Reply::ok(json!({ "claim": claim, "released": true }))
+            } else {
+                Reply::json(404, json!({ "claim": claim, "error": "claim_not_found" }))
+            })
+        }
+        .await,
+    )
+}
+
+async fn account(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(
+        async {
+            let Some(account) = percent_decode(segment(&uri, 3)) else {
+                return Ok(Reply::bad_request(
+                    "account path segment has an invalid percent-encoding",
+                ));
+            };
+            let summary = state
+                .db
+                .read(rules::AccountView {
+                    account: account.clone(),
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match summary {
+                None => Reply::error(404, "account_not_found"),
+                // total_credits is the balance across all credit sources; there is
+                // only one source today, so it equals the (available) balance.
+                Some(s) => Reply::ok(json!({
+                    "account": account,
+                    "balance": s.balance,
+                    "total_credits": s.balance,
+                })),
+            })
+        }
+        .await,
+    )
 }
 
 // ----- admin ----------------------------------------------------------------
@@ -575,7 +821,11 @@ pub fn new_key_from_options(
     let agent = match preset {
         None => false,
         Some(keys::AGENT_PRESET) => true,
-        Some(other) => return Err(format!("unknown preset {other:?}; the only preset is agent")),
+        Some(other) => {
+            return Err(format!(
+                "unknown preset {other:?}; the only preset is agent"
+            ))
+        }
     };
     let kind = match kind {
         None => KeyKind::ApiKey,
@@ -590,7 +840,7 @@ pub fn new_key_from_options(
             return Err("api keys never expire; an expiry applies to api_token only".into())
         }
         (KeyKind::ApiKey, None) => Expiry::Never,
-        (KeyKind::ApiToken, None) => crate::cli::DEFAULT_TOKEN_EXPIRY,
+        (KeyKind::ApiToken, None) => DEFAULT_TOKEN_EXPIRY,
         (KeyKind::ApiToken, Some(e)) => Expiry::parse(e)?,
     };
     let scopes = match scopes {
@@ -604,7 +854,10 @@ pub fn new_key_from_options(
             }
             out
         }
-        None if agent => keys::AGENT_SCOPES.iter().map(|s| (*s).to_string()).collect(),
+        None if agent => keys::AGENT_SCOPES
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect(),
         None => Vec::new(),
     };
     let name = name.or_else(|| agent.then(|| keys::AGENT_NAME.to_string()));
@@ -617,47 +870,121 @@ pub fn new_key_from_options(
     })
 }
 
-fn admin(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let now = now_ms.div_euclid(1000);
-    let method = req.method.as_str();
-    let rest = req.path.strip_prefix("/v1/admin").unwrap_or_default();
-    let parts: Vec<&str> = rest.split('/').skip(1).collect();
-    let not_allowed = |allow: &str| Ok(Reply::method_not_allowed(allow));
-    match (parts.as_slice(), method) {
-        (["keys"], "POST") => admin_create_key(store, now, req),
-        (["keys"], "GET") => {
-            let Some(account) = query_param(&req.url, "account").filter(|a| !a.is_empty()) else {
+async fn admin_list_keys(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(
+        async {
+            let url = uri.to_string();
+            let Some(account) = query_param(&url, "account").filter(|a| !a.is_empty()) else {
                 return Ok(Reply::bad_request("query parameter account is required"));
             };
-            let keys = lock(store).list_keys(&account, now)?;
+            let keys = state
+                .db
+                .read(rules::ListKeys {
+                    account: account.clone(),
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
             Ok(Reply::ok(json!({
                 "account": account,
                 "keys": keys.iter().map(key_json).collect::<Vec<_>>(),
             })))
         }
-        (["keys"], _) => not_allowed("GET, POST"),
-        (["keys", prefix, "revoke"], "POST") => {
-            match lock(store).revoke_by_prefix(prefix, now) {
-                Ok(r) => Ok(Reply::ok(json!({
-                    "prefix": r.prefix,
-                    "account": r.account,
-                    "kind": r.kind.as_str(),
-                    "revoked_at": r.revoked_at,
-                }))),
-                Err(StoreError::KeyNotFound(_)) => Ok(Reply::error(404, "key_not_found")),
-                Err(StoreError::AmbiguousPrefix { matches, .. }) => Ok(Reply::json(
+        .await,
+    )
+}
+
+async fn admin_create_key(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: AdminKeyBody = parse_json(&state.body(body).await?)?;
+            let new = new_key_from_options(
+                body.account,
+                body.kind.as_deref(),
+                body.scopes,
+                body.preset.as_deref(),
+                body.expires.as_deref(),
+                body.name,
+            )
+            .map_err(Reply::bad_request)?;
+            match state
+                .db
+                .write(rules::CreateKey {
+                    new,
+                    now: state.now(),
+                })
+                .await
+            {
+                Ok(k) => {
+                    record_key_prefix(&k.prefix);
+                    Ok(Reply::json(
+                        201,
+                        json!({
+                            "secret": k.secret,
+                            "prefix": k.prefix,
+                            "account": k.account,
+                            "kind": k.kind.as_str(),
+                            "scopes": k.scopes,
+                            "name": k.name,
+                            "created_at": k.created_at,
+                            "expires_at": k.expires_at,
+                        }),
+                    ))
+                }
+                Err(StoreError::TooManyTokens { limit, .. }) => Ok(Reply::json(
                     409,
-                    json!({ "error": "ambiguous_prefix", "matches": matches }),
+                    json!({ "error": "token_limit", "limit": limit }),
                 )),
-                Err(e) => Err(e),
+                Err(e) => Err(store_error(e)),
             }
         }
-        (["keys", _, "revoke"], _) => not_allowed("POST"),
-        (["accounts", enc], "GET") => {
-            let Some(account) = percent_decode(enc) else {
-                return Ok(Reply::bad_request("invalid percent-encoding"));
-            };
-            Ok(match lock(store).account_summary(&account, now)? {
+        .await,
+    )
+}
+
+async fn admin_revoke(State(state): State<AppState>, uri: Uri) -> Reply {
+    let prefix = segment(&uri, 4).to_string();
+    record_key_prefix(&prefix);
+    match state
+        .db
+        .write(rules::Revoke {
+            prefix,
+            now: state.now(),
+        })
+        .await
+    {
+        Ok(r) => Reply::ok(json!({
+            "prefix": r.prefix,
+            "account": r.account,
+            "kind": r.kind.as_str(),
+            "revoked_at": r.revoked_at,
+        })),
+        Err(StoreError::KeyNotFound(_)) => Reply::error(404, "key_not_found"),
+        Err(StoreError::AmbiguousPrefix { matches, .. }) => Reply::json(
+            409,
+            json!({ "error": "ambiguous_prefix", "matches": matches }),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+fn admin_account_name(uri: &Uri) -> Answer<String> {
+    percent_decode(segment(uri, 4)).ok_or_else(|| Reply::bad_request("invalid percent-encoding"))
+}
+
+async fn admin_account(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(
+        async {
+            let account = admin_account_name(&uri)?;
+            let summary = state
+                .db
+                .read(rules::AccountView {
+                    account: account.clone(),
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match summary {
                 None => Reply::error(404, "account_not_found"),
                 Some(s) => Reply::ok(json!({
                     "account": account,
@@ -667,19 +994,26 @@ fn admin(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, S
                 })),
             })
         }
-        (["accounts", _], _) => not_allowed("GET"),
-        (["accounts", enc, "topup"], "POST") => {
-            let Some(account) = percent_decode(enc) else {
-                return Ok(Reply::bad_request("invalid percent-encoding"));
-            };
-            let body: AdminTopupBody = body_or_reply!(req);
-            match lock(store).topup(
-                &account,
-                body.amount,
-                body.note.as_deref(),
-                body.idempotency_key.as_deref(),
-                now,
-            ) {
+        .await,
+    )
+}
+
+async fn admin_topup(State(state): State<AppState>, uri: Uri, body: Body) -> Reply {
+    done(
+        async {
+            let account = admin_account_name(&uri)?;
+            let body: AdminTopupBody = parse_json(&state.body(body).await?)?;
+            match state
+                .db
+                .write(rules::Topup {
+                    account,
+                    amount: body.amount,
+                    note: body.note,
+                    idempotency_key: body.idempotency_key,
+                    now: state.now(),
+                })
+                .await
+            {
                 Ok(r) => Ok(Reply::ok(json!({
                     "account": r.account,
                     "credited": if r.replayed { 0 } else { r.amount },
@@ -689,15 +1023,19 @@ fn admin(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, S
                 Err(StoreError::IdempotencyConflict(_)) => {
                     Ok(Reply::error(409, "idempotency_conflict"))
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(store_error(e)),
             }
         }
-        (["accounts", _, "topup"], _) => not_allowed("POST"),
-        (["accounts", enc, "ledger"], "GET") => {
-            let Some(account) = percent_decode(enc) else {
-                return Ok(Reply::bad_request("invalid percent-encoding"));
-            };
-            let limit = match query_param(&req.url, "limit") {
+        .await,
+    )
+}
+
+async fn admin_ledger(State(state): State<AppState>, uri: Uri) -> Reply {
+    done(
+        async {
+            let account = admin_account_name(&uri)?;
+            let url = uri.to_string();
+            let limit = match query_param(&url, "limit") {
                 None => DEFAULT_LEDGER_LIMIT,
                 Some(l) => match l.parse::<i64>() {
                     Ok(n) if (1..=crate::store::MAX_LEDGER_LIMIT).contains(&n) => n,
@@ -709,69 +1047,61 @@ fn admin(store: &Mutex<Store>, now_ms: i64, req: &RequestCtx) -> Result<Reply, S
                     }
                 },
             };
-            let store = lock(store);
-            if store.balance(&account)?.is_none() {
+            let balance = state
+                .db
+                .read(rules::Balance {
+                    account: account.clone(),
+                })
+                .await
+                .map_err(store_error)?;
+            if balance.is_none() {
                 return Ok(Reply::error(404, "account_not_found"));
             }
-            let entries = store.ledger(&account, limit)?;
+            let entries = state
+                .db
+                .read(rules::Ledger {
+                    account: account.clone(),
+                    limit,
+                })
+                .await
+                .map_err(store_error)?;
             Ok(Reply::ok(json!({
                 "account": account,
                 "entries": entries.iter().map(ledger_json).collect::<Vec<_>>(),
             })))
         }
-        (["accounts", _, "ledger"], _) => not_allowed("GET"),
-        (["refund"], "POST") => {
-            let body: AdminRefundBody = body_or_reply!(req);
-            let outcome = lock(store).refund(&body.idempotency_key, body.note.as_deref(), now)?;
-            Ok(refund_reply(&outcome))
-        }
-        (["refund"], _) => not_allowed("POST"),
-        (["check"], "GET") => {
-            let report = lock(store).check()?;
-            Ok(Reply::ok(json!({
-                "ok": report.is_ok(),
-                "accounts": report.accounts,
-                "ledger_rows": report.ledger_rows,
-                "problems": report.problems,
-            })))
-        }
-        (["check"], _) => not_allowed("GET"),
-        _ => Ok(Reply::error(404, "not_found")),
-    }
+        .await,
+    )
 }
 
-fn admin_create_key(store: &Mutex<Store>, now: i64, req: &RequestCtx) -> Result<Reply, StoreError> {
-    let body: AdminKeyBody = body_or_reply!(req);
-    let new = match new_key_from_options(
-        body.account,
-        body.kind.as_deref(),
-        body.scopes,
-        body.preset.as_deref(),
-        body.expires.as_deref(),
-        body.name,
-    ) {
-        Ok(n) => n,
-        Err(msg) => return Ok(Reply::bad_request(msg)),
-    };
-    match lock(store).create_key(&new, now) {
-        Ok(k) => Ok(Reply::json(
-            201,
-            json!({
-                "secret": k.secret,
-                "prefix": k.prefix,
-                "account": k.account,
-                "kind": k.kind.as_str(),
-                "scopes": k.scopes,
-                "name": k.name,
-                "created_at": k.created_at,
-                "expires_at": k.expires_at,
-            }),
-        )),
-        Err(StoreError::TooManyTokens { limit, .. }) => Ok(Reply::json(
-            409,
-            json!({ "error": "token_limit", "limit": limit }),
-        )),
-        Err(e) => Err(e),
+async fn admin_refund(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: AdminRefundBody = parse_json(&state.body(body).await?)?;
+            let outcome = state
+                .db
+                .write(rules::Refund {
+                    idempotency_key: body.idempotency_key,
+                    note: body.note,
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(refund_reply(&outcome))
+        }
+        .await,
+    )
+}
+
+async fn admin_check(State(state): State<AppState>) -> Reply {
+    match state.db.read(rules::Check {}).await {
+        Ok(report) => Reply::ok(json!({
+            "ok": report.is_ok(),
+            "accounts": report.accounts,
+            "ledger_rows": report.ledger_rows,
+            "problems": report.problems,
+        })),
+        Err(e) => store_error(e),
     }
 }
 
@@ -795,7 +1125,13 @@ pub fn ledger_json(e: &crate::store::LedgerEntry) -> Value {
 /// A done refund as the admin API and `dialtone-credits refund --json` show it.
 pub fn refunded_json(outcome: &RefundOutcome) -> Option<Value> {
     match outcome {
-        RefundOutcome::Refunded { account, amount, balance, idempotency_key, hold_id } => Some(json!({
+        RefundOutcome::Refunded {
+            account,
+            amount,
+            balance,
+            idempotency_key,
+            hold_id,
+        } => Some(json!({
             "refunded": amount,
             "account": account,
             "balance": balance,

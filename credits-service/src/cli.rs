@@ -1,52 +1,211 @@
-//! The operator CLI. Arguments are parsed by hand (no framework): options may
-//! appear anywhere, as `--name value` or `--name=value`; everything else is a
-//! positional argument; `--` ends option parsing.
+//! The operator CLI (clap): `serve`, accounts, keys, refunds, `check`.
+//!
+//! `--db` (or `DIALTONE_DB`) names the database: a SQLite file or a
+//! `postgres://` URL. `--json` prints machine-readable output. Usage errors
+//! exit 2 with one `error: …` line; failures exit 1.
 
-use crate::api;
+use crate::api::{self, ApiConfig};
+use crate::auth::{AdminAuth, ServiceAuth};
+use crate::backend::{Db, DbOptions};
 use crate::demo_upstream;
-use crate::keys::{self, Expiry};
+use crate::http::HttpConfig;
+use crate::keys;
+use crate::pg::PgOptions;
+use crate::sqlite::SqliteOptions;
 use crate::store::{unix_now, RefundOutcome, Store, StoreError};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
-
-pub const USAGE: &str = "\
-usage: dialtone-credits [--db PATH|URL] [--json] COMMAND ...
-
-commands:
-  serve --listen ADDR [--upstream-listen ADDR] [--workers N]
-        run the credits API (and the demo upstream API if --upstream-listen);
-        prints `listening credits=ADDR upstream=ADDR|none` once bound. The
-        admin API (/v1/admin/*) is enabled by DIAL_ADMIN_API_KEY (>= 16 chars)
-  account create ACCOUNT [--credits N]     create (no-op if it exists)
-  account topup ACCOUNT N [--note TEXT]    add N credits
-  account show ACCOUNT                     show the balance
-  account ledger ACCOUNT [--limit N]       the newest ledger rows (default 100)
-  key create ACCOUNT [--kind api_key|api_token] [--scopes a,b] [--expires 30d|60d|90d|365d|never] [--name TEXT] [--preset agent]
-        mint a credential (creates the account if missing); the secret is
-        printed once and never stored. api keys never expire; api tokens
-        default to --expires 90d. --preset agent: an api_key with scopes
-        sms:send named \"agent key\" (unless given)
-  key list ACCOUNT                         list keys (never secrets or hashes)
-  key revoke PREFIX                        revoke the active key with this prefix
-  refund IDEMPOTENCY_KEY [--note TEXT]     refund a debit or captured hold, once
-  check                                    verify balances against the ledger;
-                                           exit 1 on any discrepancy
-
-global options:
-  --db PATH|URL  SQLite database file (default: dialtone.db), or a
-                 postgres://user@host:port/db URL
-  --json         machine-readable output
-  --help         show this help
-";
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// Default database file.
 pub const DEFAULT_DB: &str = "dialtone.db";
 /// Default API token lifetime when `--expires` is not given.
-pub const DEFAULT_TOKEN_EXPIRY: Expiry = Expiry::Days(90);
-/// Default worker threads per listener.
-pub const DEFAULT_WORKERS: usize = 8;
+pub const DEFAULT_TOKEN_EXPIRY: keys::Expiry = api::DEFAULT_TOKEN_EXPIRY;
+
+const HELP_TEMPLATE: &str = "usage: {usage}\n\n{about}\n\n{all-args}{after-help}";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dialtone-credits",
+    version,
+    about = "The dialtone key/credits service, its demo upstream API, and the operator commands.",
+    help_template = HELP_TEMPLATE,
+    subcommand_required = true,
+    arg_required_else_help = false,
+    color = clap::ColorChoice::Never,
+    after_help = "The admin API (/v1/admin/*) is enabled by DIAL_ADMIN_API_KEY (>= 16 chars).\n\
+                  Each command has its own --help."
+)]
+struct Cli {
+    /// SQLite database file, or a postgres://user@host:port/db URL.
+    #[arg(long, global = true, env = "DIALTONE_DB", default_value = DEFAULT_DB, value_name = "PATH|URL")]
+    db: String,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the credits API (and the demo upstream API with --upstream-listen).
+    ///
+    /// Prints `listening credits=ADDR upstream=ADDR|none` once bound. Calls
+    /// to /v1/* (except /v1/admin/*) must carry x-dialtone-service-key: one
+    /// of the secrets in DIAL_SERVICE_KEY / DIAL_SERVICE_KEY_PREVIOUS or the
+    /// --service-key-file (re-read on SIGHUP). SIGTERM/SIGINT stop accepting,
+    /// finish in-flight requests, then exit.
+    Serve(ServeArgs),
+    /// Accounts: create, top up, show, ledger.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Credentials: create (the secret is printed once), list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Refund a debit or a captured hold, once.
+    Refund {
+        /// The idempotency key of the debit or hold.
+        idempotency_key: String,
+        /// A note for the ledger.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Verify balances against the ledger; exit 1 on any discrepancy.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Create an account (a no-op if it exists).
+    Create {
+        account: String,
+        /// Initial credits (recorded as a top-up).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+        credits: i64,
+    },
+    /// Add N credits.
+    Topup {
+        account: String,
+        #[arg(value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+        amount: i64,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Show the balance.
+    Show { account: String },
+    /// The newest ledger rows (default 100).
+    Ledger {
+        account: String,
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        limit: Option<i64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Mint a credential (creates the account if missing). The secret is
+    /// printed once and never stored. API keys never expire; API tokens
+    /// default to --expires 90d. --preset agent: an api_key with scopes
+    /// sms:send named "agent key" (unless given).
+    Create {
+        account: String,
+        /// api_key (default) or api_token.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Comma-separated scopes, e.g. sms:send,contacts_read.
+        #[arg(long)]
+        scopes: Option<String>,
+        /// 30d, 60d, 90d, 365d or never (api_token only).
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// agent: the dashboard's quick agent key.
+        #[arg(long)]
+        preset: Option<String>,
+    },
+    /// List an account's keys (never secrets or hashes).
+    List { account: String },
+    /// Revoke the active key with this prefix.
+    Revoke { prefix: String },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The credits API's address, e.g. 127.0.0.1:8081.
+    #[arg(long, env = "DIALTONE_LISTEN", value_name = "ADDR")]
+    listen: String,
+    /// Also serve the demo upstream API here.
+    #[arg(long, env = "DIALTONE_UPSTREAM_LISTEN", value_name = "ADDR")]
+    upstream_listen: Option<String>,
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long, env = "DIALTONE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: Option<u16>,
+    /// Close a keep-alive connection idle this long. Must exceed the
+    /// client's own idle timeout (Envoy's cluster idle_timeout).
+    #[arg(long, env = "DIALTONE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    idle_timeout_ms: u64,
+    /// Deadline for a request head (and for its body).
+    #[arg(
+        long,
+        env = "DIALTONE_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    header_read_timeout_ms: u64,
+    /// Largest request body (413 above it).
+    #[arg(long, env = "DIALTONE_MAX_BODY_BYTES", default_value_t = crate::http::MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Largest request head, in bytes (431 above it; at least 8192).
+    #[arg(long, env = "DIALTONE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    max_header_bytes: usize,
+    /// Most open connections per listener (more wait in the backlog).
+    #[arg(long, env = "DIALTONE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Longest wait for in-flight requests on SIGTERM.
+    #[arg(long, env = "DIALTONE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    shutdown_timeout_ms: u64,
+    /// File with the accepted service key(s): one or two non-empty lines,
+    /// re-read on SIGHUP. Replaces DIAL_SERVICE_KEY(_PREVIOUS).
+    #[arg(long, env = "DIAL_SERVICE_KEY_FILE", value_name = "PATH")]
+    service_key_file: Option<PathBuf>,
+    /// Serve /v1/* without any service key (local experiments only).
+    #[arg(long)]
+    insecure_no_service_key: bool,
+    /// PostgreSQL: most pooled connections.
+    #[arg(long, env = "DIALTONE_PG_POOL_SIZE", default_value_t = 32)]
+    pg_pool_size: u32,
+    /// PostgreSQL: longest wait for a connection before answering 503.
+    #[arg(long, env = "DIALTONE_PG_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000)]
+    pg_acquire_timeout_ms: u64,
+    /// SQLite: reader connections.
+    #[arg(long, env = "DIALTONE_SQLITE_READERS", default_value_t = 4)]
+    sqlite_readers: u32,
+    /// SQLite: longest wait for a lock held by another process before 503.
+    #[arg(
+        long,
+        env = "DIALTONE_SQLITE_BUSY_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    sqlite_busy_timeout_ms: u64,
+    /// SQLite: most write requests committed together.
+    #[arg(long, env = "DIALTONE_SQLITE_MAX_BATCH", default_value_t = 256)]
+    sqlite_max_batch: usize,
+    /// Log lines as text or JSON (levels from RUST_LOG, default info).
+    #[arg(long, env = "DIALTONE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
 
 /// A CLI failure: usage mistakes exit 2, everything else exits 1.
 #[derive(Debug)]
@@ -89,156 +248,82 @@ fn usage(msg: impl Into<String>) -> CliError {
     CliError::Usage(msg.into())
 }
 
-/// Options that take a value.
-const VALUE_OPTIONS: &[&str] = &[
-    "--db",
-    "--listen",
-    "--upstream-listen",
-    "--workers",
-    "--credits",
-    "--note",
-    "--kind",
-    "--scopes",
-    "--expires",
-    "--name",
-    "--preset",
-    "--limit",
-];
-/// Options that are plain switches.
-const SWITCHES: &[&str] = &["--json", "--help"];
-/// Options valid for every command.
-const GLOBAL_OPTIONS: &[&str] = &["--db", "--json", "--help"];
-
-/// Parsed command line.
-#[derive(Debug, Default)]
-struct Args {
-    positionals: Vec<String>,
-    options: Vec<(String, String)>,
-}
-
-impl Args {
-    fn parse(argv: &[String]) -> Result<Args, CliError> {
-        let mut args = Args::default();
-        let mut iter = argv.iter();
-        while let Some(arg) = iter.next() {
-            if arg == "--" {
-                args.positionals.extend(iter.by_ref().cloned());
-                break;
+/// Parse `argv` (without the program name). `Ok(None)`: help or version was
+/// printed to `out`.
+fn parse(argv: &[String], out: &mut dyn Write) -> Result<Option<Cli>, CliError> {
+    let args = std::iter::once("dialtone-credits".to_string()).chain(argv.iter().cloned());
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(Some(cli)),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                write!(out, "{e}")?;
+                Ok(None)
             }
-            if arg == "-h" {
-                args.options.push(("--help".into(), String::new()));
-                continue;
+            _ => {
+                // One line, like every other error of this CLI.
+                let text = e.to_string();
+                let first = text
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .map(|l| l.trim_start_matches("error:").trim().to_string())
+                    .unwrap_or_else(|| "a subcommand is missing".to_string());
+                Err(usage(first))
             }
-            if !arg.starts_with("--") {
-                // Includes things like "-5": reported later as a bad number.
-                args.positionals.push(arg.clone());
-                continue;
-            }
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) => (n.to_string(), Some(v.to_string())),
-                None => (arg.clone(), None),
-            };
-            let value = if VALUE_OPTIONS.contains(&name.as_str()) {
-                match inline {
-                    Some(v) => v,
-                    None => iter
-                        .next()
-                        .cloned()
-                        .ok_or_else(|| usage(format!("{name} needs a value")))?,
-                }
-            } else if SWITCHES.contains(&name.as_str()) {
-                if inline.is_some() {
-                    return Err(usage(format!("{name} takes no value")));
-                }
-                String::new()
-            } else {
-                return Err(usage(format!("unknown option {name}")));
-            };
-            if args.options.iter().any(|(n, _)| *n == name) {
-                return Err(usage(format!("{name} given more than once")));
-            }
-            args.options.push((name, value));
-        }
-        Ok(args)
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.options
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    /// Reject options that do not apply to the chosen command.
-    fn allow_only(&self, command: &str, allowed: &[&str]) -> Result<(), CliError> {
-        for (name, _) in &self.options {
-            if !GLOBAL_OPTIONS.contains(&name.as_str()) && !allowed.contains(&name.as_str()) {
-                return Err(usage(format!("{name} does not apply to `{command}`")));
-            }
-        }
-        Ok(())
-    }
-
-    /// Exactly the positional arguments after the command words.
-    fn operands<const N: usize>(
-        &self,
-        command: &str,
-        skip: usize,
-        names: [&str; N],
-    ) -> Result<[String; N], CliError> {
-        let rest = self.positionals.get(skip..).unwrap_or_default();
-        if rest.len() != N {
-            let expected = names.join(" ");
-            return Err(usage(format!("`{command}` expects: {expected}")));
-        }
-        let mut out: [String; N] = std::array::from_fn(|_| String::new());
-        for (slot, value) in out.iter_mut().zip(rest) {
-            slot.clone_from(value);
-        }
-        Ok(out)
-    }
-}
-
-fn parse_int(what: &str, s: &str, min: i64) -> Result<i64, CliError> {
-    match s.parse::<i64>() {
-        Ok(n) if n >= min => Ok(n),
-        _ => Err(usage(format!(
-            "{what} must be an integer >= {min}, got {s:?}"
-        ))),
+        },
     }
 }
 
 /// Run the CLI with `argv` (without the program name), writing normal output
 /// to `out`. Warnings and the serve log go to stderr.
 pub fn run(argv: &[String], out: &mut dyn Write) -> Result<(), CliError> {
-    let args = Args::parse(argv)?;
-    if args.has("--help") || args.positionals.first().is_some_and(|c| c == "help") {
-        out.write_all(USAGE.as_bytes())?;
+    let Some(cli) = parse(argv, out)? else {
         return Ok(());
-    }
-    let db = args.get("--db").unwrap_or(DEFAULT_DB).to_string();
-    let json = args.has("--json");
-    let words: Vec<&str> = args.positionals.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["serve", ..] => serve(&args, &db, out),
-        ["account", "create", ..] => account_create(&args, &db, json, out),
-        ["account", "topup", ..] => account_topup(&args, &db, json, out),
-        ["account", "show", ..] => account_show(&args, &db, json, out),
-        ["account", "ledger", ..] => account_ledger(&args, &db, json, out),
-        ["refund", ..] => refund(&args, &db, json, out),
-        ["check", ..] => check(&args, &db, json, out),
-        ["key", "create", ..] => key_create(&args, &db, json, out),
-        ["key", "list", ..] => key_list(&args, &db, json, out),
-        ["key", "revoke", ..] => key_revoke(&args, &db, json, out),
-        [] => Err(usage("no command given")),
-        [_, ..] => {
-            let shown: Vec<&str> = words.iter().take(2).copied().collect();
-            Err(usage(format!("unknown command `{}`", shown.join(" "))))
+    };
+    let (db, json) = (cli.db.as_str(), cli.json);
+    match cli.command {
+        Command::Serve(args) => serve(args, db, out),
+        Command::Account(AccountCommand::Create { account, credits }) => {
+            account_create(db, json, out, &account, credits)
         }
+        Command::Account(AccountCommand::Topup {
+            account,
+            amount,
+            note,
+        }) => account_topup(db, json, out, &account, amount, note.as_deref()),
+        Command::Account(AccountCommand::Show { account }) => account_show(db, json, out, &account),
+        Command::Account(AccountCommand::Ledger { account, limit }) => {
+            account_ledger(db, json, out, &account, limit)
+        }
+        Command::Key(KeyCommand::Create {
+            account,
+            kind,
+            scopes,
+            expires,
+            name,
+            preset,
+        }) => {
+            let scopes = match scopes {
+                None => None,
+                Some(s) => Some(keys::parse_scopes(&s).map_err(usage)?),
+            };
+            let new = api::new_key_from_options(
+                account,
+                kind.as_deref(),
+                scopes,
+                preset.as_deref(),
+                expires.as_deref(),
+                name,
+            )
+            .map_err(usage)?;
+            key_create(db, json, out, &new)
+        }
+        Command::Key(KeyCommand::List { account }) => key_list(db, json, out, &account),
+        Command::Key(KeyCommand::Revoke { prefix }) => key_revoke(db, json, out, &prefix),
+        Command::Refund {
+            idempotency_key,
+            note,
+        } => refund(db, json, out, &idempotency_key, note.as_deref()),
+        Command::Check => check(db, json, out),
     }
 }
 
@@ -256,76 +341,238 @@ pub fn main_exit() -> i32 {
     }
 }
 
-fn serve(args: &Args, db: &str, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("serve", &["--listen", "--upstream-listen", "--workers"])?;
-    args.operands("serve", 1, [])?;
-    let listen = args
-        .get("--listen")
-        .ok_or_else(|| usage("serve needs --listen ADDR (e.g. 127.0.0.1:8081)"))?;
-    let workers = match args.get("--workers") {
-        None => DEFAULT_WORKERS,
-        Some(w) => match w.parse::<usize>() {
-            Ok(n) if (1..=64).contains(&n) => n,
-            _ => return Err(usage(format!("--workers must be 1..=64, got {w:?}"))),
+// ----- serve ----------------------------------------------------------------
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+    };
+}
+
+/// The service keys `serve` accepts, from the file, the environment, or
+/// (explicitly) none.
+fn service_auth(args: &ServeArgs) -> Result<ServiceAuth, CliError> {
+    if let Some(path) = &args.service_key_file {
+        if std::env::var_os(crate::auth::SERVICE_KEY_ENV).is_some() {
+            tracing::warn!("--service-key-file is set: DIAL_SERVICE_KEY(_PREVIOUS) are ignored");
+        }
+        return ServiceAuth::from_file(path).map_err(usage);
+    }
+    match ServiceAuth::from_env().map_err(usage)? {
+        Some(auth) => Ok(auth),
+        None if args.insecure_no_service_key => Ok(ServiceAuth::insecure()),
+        None => Err(usage(
+            "no service key: set DIAL_SERVICE_KEY (at least 32 characters) or --service-key-file, \
+             or pass --insecure-no-service-key for a local experiment",
+        )),
+    }
+}
+
+fn serve(args: ServeArgs, db: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    init_logging(args.log_format);
+    let service = service_auth(&args)?;
+    if service.is_insecure() {
+        tracing::error!(
+            "INSECURE: --insecure-no-service-key: /v1/* answers anyone who can reach this port; \
+             never run it like this outside a local experiment"
+        );
+    }
+    let http = HttpConfig {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+        max_header_bytes: args.max_header_bytes.max(8192),
+        max_body_bytes: args.max_body_bytes,
+        max_connections: args.max_connections.max(1),
+        shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+        ..HttpConfig::default()
+    };
+    let db_options = DbOptions {
+        sqlite: SqliteOptions {
+            readers: args.sqlite_readers.max(1),
+            busy_timeout: Duration::from_millis(args.sqlite_busy_timeout_ms),
+            max_batch: args.sqlite_max_batch.max(1),
+            ..SqliteOptions::default()
+        },
+        pg: PgOptions {
+            max_connections: args.pg_pool_size.max(1),
+            acquire_timeout: Duration::from_millis(args.pg_acquire_timeout_ms.max(1)),
+            ..PgOptions::default()
         },
     };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(w) = args.workers {
+        runtime.worker_threads(usize::from(w));
+    }
+    let runtime = runtime
+        .thread_name("dialtone-credits")
+        .enable_all()
+        .build()?;
+    let config = ApiConfig {
+        clock_ms: api::system_clock_ms(),
+        admin: AdminAuth::from_env(),
+        service,
+    };
+    let result = runtime.block_on(serve_async(args, db, config, http, db_options, out));
+    // Tasks still parked on idle sockets are not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
 
-    let credits_store = Arc::new(Mutex::new(Store::connect(db)?));
-    let config = api::ApiConfig::from_env();
-    let admin_enabled = !matches!(config.admin, api::AdminAuth::Disabled);
-    let credits = api::start_with_config(listen, workers, credits_store, config)?;
-    start_sweeper(db)?;
-    // The upstream gets its own connection so the two listeners do not
-    // queue behind one mutex; SQLite arbitrates between them.
-    let upstream = match args.get("--upstream-listen") {
-        Some(addr) => {
-            let store = Arc::new(Mutex::new(Store::connect(db)?));
-            Some(demo_upstream::start(
-                addr,
-                workers,
-                store,
-                api::system_clock(),
-            )?)
-        }
+async fn serve_async(
+    args: ServeArgs,
+    db_arg: &str,
+    config: ApiConfig,
+    http: HttpConfig,
+    db_options: DbOptions,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    crate::metrics::install();
+    let db = Db::open(db_arg, &db_options).await?;
+    let credits_listener = crate::http::bind(&args.listen).await?;
+    let upstream_listener = match &args.upstream_listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
         None => None,
     };
-    let upstream_addr = upstream
-        .as_ref()
-        .map_or_else(|| "none".to_string(), |u| u.addr().to_string());
+    let credits_addr = credits_listener.local_addr()?;
+    let upstream_addr = match &upstream_listener {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "none".to_string(),
+    };
+    let http = Arc::new(http);
+    let service = config.service.clone();
+    let admin_enabled = config.admin.is_enabled();
+    let (stop, stopped) = watch::channel(false);
+
+    let credits = tokio::spawn(crate::http::serve(
+        credits_listener,
+        api::router(api::AppState {
+            db: db.clone(),
+            config: Arc::new(config),
+            http: Arc::clone(&http),
+        }),
+        Arc::clone(&http),
+        stopped.clone(),
+        "credits",
+    ));
+    let upstream = upstream_listener.map(|listener| {
+        tokio::spawn(crate::http::serve(
+            listener,
+            demo_upstream::router(demo_upstream::DemoState::new(
+                db.clone(),
+                api::system_clock(),
+                Arc::clone(&http),
+            )),
+            Arc::clone(&http),
+            stopped.clone(),
+            "upstream",
+        ))
+    });
+    let sweeper = tokio::spawn(sweep(db.clone(), stopped.clone()));
+
     // Tests and scripts wait for this exact line; flush so they see it now.
     writeln!(
         out,
-        "listening credits={} upstream={upstream_addr}",
-        credits.addr()
+        "listening credits={credits_addr} upstream={upstream_addr}"
     )?;
     out.flush()?;
-    eprintln!(
-        "dialtone-credits: database {}, {workers} workers per listener, admin API {}",
-        if crate::store::is_postgres_url(db) { "postgres" } else { db },
-        if admin_enabled {
-            "enabled"
-        } else {
-            "disabled (DIAL_ADMIN_API_KEY unset or shorter than 16 characters)"
-        }
+    tracing::info!(
+        database = if crate::store::is_postgres_url(db_arg) { "postgres" } else { db_arg },
+        credits = %credits_addr,
+        upstream = %upstream_addr,
+        service_keys = %service.describe(),
+        admin_api = if admin_enabled { "enabled" } else { "disabled (DIAL_ADMIN_API_KEY unset or shorter than 16 characters)" },
+        idle_timeout_ms = http.idle_timeout.as_millis() as u64,
+        header_read_timeout_ms = http.header_read_timeout.as_millis() as u64,
+        "dialtone-credits serving"
     );
-    // Workers run until the process is killed. SQLite in WAL mode with
-    // transactional writes is crash-safe, so a plain SIGTERM/SIGKILL is fine.
-    credits.wait();
+
+    wait_for_shutdown(&service).await;
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    let _ = stop.send(true);
+    let _ = credits.await;
     if let Some(u) = upstream {
-        u.wait();
+        let _ = u.await;
     }
+    let _ = sweeper.await;
+    db.close().await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-fn account_create(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("account create", &["--credits"])?;
-    let [account] = args.operands("account create", 2, ["ACCOUNT"])?;
-    let credits = match args.get("--credits") {
-        Some(c) => parse_int("--credits", c, 0)?,
-        None => 0,
+/// Until SIGTERM or SIGINT; SIGHUP re-reads the service key file.
+#[cfg(unix)]
+async fn wait_for_shutdown(service: &ServiceAuth) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
     };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match service.reload() {
+                Ok(n) => tracing::info!(keys = n, "service keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "service keys NOT reloaded; the previous keys stay"),
+            },
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_shutdown(_service: &ServiceAuth) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Release expired holds every second (holds are also expired lazily by
+/// every write on their account, so this only keeps idle accounts tidy).
+async fn sweep(db: Db, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match db.expire_holds(unix_now()).await {
+            Ok(n) => {
+                crate::metrics::sweeper_run(Some(n));
+                if n > 0 {
+                    tracing::info!(released = n, "released expired holds");
+                }
+            }
+            Err(e) => {
+                crate::metrics::sweeper_run(None);
+                tracing::warn!(error = %e, "hold sweeper failed; next run in a second");
+            }
+        }
+        crate::metrics::upkeep();
+    }
+}
+
+// ----- operator commands ----------------------------------------------------
+
+fn account_create(
+    db: &str,
+    json: bool,
+    out: &mut dyn Write,
+    account: &str,
+    credits: i64,
+) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
-    let outcome = store.create_account(&account, credits, unix_now())?;
+    let outcome = store.create_account(account, credits, unix_now())?;
     if json {
         writeln!(
             out,
@@ -348,12 +595,16 @@ fn account_create(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Res
     Ok(())
 }
 
-fn account_topup(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("account topup", &["--note"])?;
-    let [account, amount] = args.operands("account topup", 2, ["ACCOUNT", "N"])?;
-    let amount = parse_int("N", &amount, 1)?;
+fn account_topup(
+    db: &str,
+    json: bool,
+    out: &mut dyn Write,
+    account: &str,
+    amount: i64,
+    note: Option<&str>,
+) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
-    let receipt = store.topup(&account, amount, args.get("--note"), None, unix_now())?;
+    let receipt = store.topup(account, amount, note, None, unix_now())?;
     if json {
         writeln!(
             out,
@@ -370,12 +621,10 @@ fn account_topup(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Resu
     Ok(())
 }
 
-fn account_show(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("account show", &[])?;
-    let [account] = args.operands("account show", 2, ["ACCOUNT"])?;
+fn account_show(db: &str, json: bool, out: &mut dyn Write, account: &str) -> Result<(), CliError> {
     let store = Store::connect(db)?;
     let balance = store
-        .balance(&account)?
+        .balance(account)?
         .ok_or_else(|| CliError::Failed(format!("account not found: {account}")))?;
     if json {
         writeln!(
@@ -389,27 +638,14 @@ fn account_show(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Resul
     Ok(())
 }
 
-fn key_create(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only(
-        "key create",
-        &["--kind", "--scopes", "--expires", "--name", "--preset"],
-    )?;
-    let [account] = args.operands("key create", 2, ["ACCOUNT"])?;
-    let scopes = match args.get("--scopes") {
-        None => None,
-        Some(s) => Some(keys::parse_scopes(s).map_err(usage)?),
-    };
-    let new = api::new_key_from_options(
-        account,
-        args.get("--kind"),
-        scopes,
-        args.get("--preset"),
-        args.get("--expires"),
-        args.get("--name").map(str::to_string),
-    )
-    .map_err(usage)?;
+fn key_create(
+    db: &str,
+    json: bool,
+    out: &mut dyn Write,
+    new: &crate::store::NewKey,
+) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
-    let created = store.create_key(&new, unix_now())?;
+    let created = store.create_key(new, unix_now())?;
     if json {
         writeln!(
             out,
@@ -449,11 +685,9 @@ fn display_scopes(scopes: &[String]) -> String {
     }
 }
 
-fn key_list(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("key list", &[])?;
-    let [account] = args.operands("key list", 2, ["ACCOUNT"])?;
+fn key_list(db: &str, json: bool, out: &mut dyn Write, account: &str) -> Result<(), CliError> {
     let store = Store::connect(db)?;
-    let keys = store.list_keys(&account, unix_now())?;
+    let keys = store.list_keys(account, unix_now())?;
     if json {
         let rows: Vec<_> = keys.iter().map(api::key_json).collect();
         writeln!(out, "{}", serde_json::Value::Array(rows))?;
@@ -487,11 +721,9 @@ fn key_list(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
-fn key_revoke(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("key revoke", &[])?;
-    let [prefix] = args.operands("key revoke", 2, ["PREFIX"])?;
+fn key_revoke(db: &str, json: bool, out: &mut dyn Write, prefix: &str) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
-    let revoked = store.revoke_by_prefix(&prefix, unix_now())?;
+    let revoked = store.revoke_by_prefix(prefix, unix_now())?;
     if json {
         writeln!(
             out,
@@ -513,36 +745,21 @@ fn key_revoke(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<
     Ok(())
 }
 
-/// Release expired holds every second in the background (holds are also
-/// expired lazily by every transaction touching their account, so this only
-/// keeps idle accounts tidy). Uses its own connection.
-fn start_sweeper(db: &str) -> Result<(), CliError> {
-    let mut store = Store::connect(db)?;
-    std::thread::Builder::new()
-        .name("hold-sweeper".into())
-        .spawn(move || loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            match store.expire_holds(unix_now()) {
-                Ok(0) => {}
-                Ok(n) => eprintln!("dialtone-credits: released {n} expired hold(s)"),
-                Err(e) => eprintln!("dialtone-credits: hold sweeper: {e}"),
-            }
-        })?;
-    Ok(())
-}
-
-fn account_ledger(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("account ledger", &["--limit"])?;
-    let [account] = args.operands("account ledger", 2, ["ACCOUNT"])?;
-    let limit = match args.get("--limit") {
-        Some(l) => parse_int("--limit", l, 1)?.min(crate::store::MAX_LEDGER_LIMIT),
-        None => api::DEFAULT_LEDGER_LIMIT,
-    };
+fn account_ledger(
+    db: &str,
+    json: bool,
+    out: &mut dyn Write,
+    account: &str,
+    limit: Option<i64>,
+) -> Result<(), CliError> {
+    let limit = limit.map_or(api::DEFAULT_LEDGER_LIMIT, |l| {
+        l.min(crate::store::MAX_LEDGER_LIMIT)
+    });
     let store = Store::connect(db)?;
-    if store.balance(&account)?.is_none() {
+    if store.balance(account)?.is_none() {
         return Err(CliError::Failed(format!("account not found: {account}")));
     }
-    let entries = store.ledger(&account, limit)?;
+    let entries = store.ledger(account, limit)?;
     if json {
         let rows: Vec<_> = entries.iter().map(api::ledger_json).collect();
         writeln!(out, "{}", json!({ "account": account, "entries": rows }))?;
@@ -574,13 +791,23 @@ fn account_ledger(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Res
     Ok(())
 }
 
-fn refund(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("refund", &["--note"])?;
-    let [key] = args.operands("refund", 1, ["IDEMPOTENCY_KEY"])?;
+fn refund(
+    db: &str,
+    json: bool,
+    out: &mut dyn Write,
+    key: &str,
+    note: Option<&str>,
+) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
-    let outcome = store.refund(&key, args.get("--note"), unix_now())?;
+    let outcome = store.refund(key, note, unix_now())?;
     match &outcome {
-        RefundOutcome::Refunded { account, amount, balance, idempotency_key, .. } => {
+        RefundOutcome::Refunded {
+            account,
+            amount,
+            balance,
+            idempotency_key,
+            ..
+        } => {
             if json {
                 writeln!(out, "{}", api::refunded_json(&outcome).unwrap_or_default())?;
             } else {
@@ -604,9 +831,7 @@ fn refund(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), 
     }
 }
 
-fn check(args: &Args, db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    args.allow_only("check", &[])?;
-    args.operands("check", 1, [])?;
+fn check(db: &str, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let mut store = Store::connect(db)?;
     let report = store.check()?;
     if json {
@@ -666,12 +891,6 @@ pub fn format_time(unix: i64) -> String {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 
@@ -679,9 +898,13 @@ mod tests {
         s.iter().map(|x| (*x).to_string()).collect()
     }
 
+    fn parsed(s: &[&str]) -> Result<Option<Cli>, CliError> {
+        parse(&argv(s), &mut Vec::new())
+    }
+
     #[test]
     fn parses_options_anywhere() {
-        let a = Args::parse(&argv(&[
+        let cli = parsed(&[
             "key",
             "--db=x.db",
             "create",
@@ -689,32 +912,53 @@ mod tests {
             "--kind",
             "api_token",
             "--json",
-        ]))
+        ])
+        .unwrap()
         .unwrap();
-        assert_eq!(a.positionals, vec!["key", "create", "acct"]);
-        assert_eq!(a.get("--db"), Some("x.db"));
-        assert_eq!(a.get("--kind"), Some("api_token"));
-        assert!(a.has("--json"));
+        assert_eq!(cli.db, "x.db");
+        assert!(cli.json);
+        match cli.command {
+            Command::Key(KeyCommand::Create { account, kind, .. }) => {
+                assert_eq!(account, "acct");
+                assert_eq!(kind.as_deref(), Some("api_token"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn rejects_bad_options() {
-        assert!(matches!(
-            Args::parse(&argv(&["--bogus"])),
-            Err(CliError::Usage(_))
-        ));
-        assert!(matches!(
-            Args::parse(&argv(&["--db"])),
-            Err(CliError::Usage(_))
-        ));
-        assert!(matches!(
-            Args::parse(&argv(&["--json=1"])),
-            Err(CliError::Usage(_))
-        ));
-        assert!(matches!(
-            Args::parse(&argv(&["--db", "a", "--db", "b"])),
-            Err(CliError::Usage(_))
-        ));
+    fn rejects_bad_options_in_one_line() {
+        for bad in [
+            &["--bogus"][..],
+            &["--db"],
+            &["--json=1", "check"],
+            &["--db", "a", "--db", "b", "check"],
+            &[],
+            &["account", "topup", "a", "0"],
+        ] {
+            match parsed(bad) {
+                Err(CliError::Usage(m)) => assert_eq!(m.lines().count(), 1, "{bad:?}: {m}"),
+                other => panic!("{bad:?}: {:?}", other.map(|c| c.map(|c| c.command))),
+            }
+        }
+    }
+
+    #[test]
+    fn help_and_version_are_printed() {
+        let mut out = Vec::new();
+        assert!(parse(&argv(&["--help"]), &mut out).unwrap().is_none());
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with("usage: dialtone-credits"));
+        let mut out = Vec::new();
+        assert!(parse(&argv(&["serve", "--help"]), &mut out)
+            .unwrap()
+            .is_none());
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("--idle-timeout-ms") && text.contains("--service-key-file"),
+            "{text}"
+        );
     }
 
     #[test]

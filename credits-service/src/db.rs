@@ -1,21 +1,39 @@
-//! A tiny database layer so the money rules in [`crate::store`] are written
-//! once and run on SQLite or PostgreSQL.
+//! The small database layer the money rules in [`crate::store`] are written
+//! against, once, for SQLite and PostgreSQL.
 //!
-//! SQL in the store is written in the common subset of both dialects, with
-//! positional parameters spelled `?1`, `?2`, … (rewritten to `$1`, `$2`, …
-//! for PostgreSQL) and row locks spelled ` FOR UPDATE` (dropped for SQLite,
-//! whose `BEGIN IMMEDIATE` already holds the single database write lock).
-//! Values cross the boundary as [`Val`]: integers (always 64-bit), text or
-//! NULL — the only types the schema uses.
+//! SQL is written in the common subset of both dialects with PostgreSQL's
+//! positional parameters `$1`, `$2`, … — which SQLite accepts natively (a
+//! `$N` parameter is bound to the N-th value, by name). Nothing rewrites SQL:
+//! the few real dialect differences (`FOR UPDATE` row locks exist only on
+//! PostgreSQL; SQLite's writer holds the database write lock from `BEGIN
+//! IMMEDIATE`; key order by `rowid` or `seq`) are chosen explicitly by the
+//! rules from [`Sql::dialect`].
+//!
+//! Values cross the boundary as [`Val`]: 64-bit integers, text, or a NULL
+//! that knows its column type (PostgreSQL needs typed NULL parameters).
+//!
+//! Three connection types implement [`Sql`]:
+//! - [`SqliteConn`]: a rusqlite connection. SQLite's single writer (the
+//!   group-commit thread, [`crate::sqlite`]) and the synchronous operator
+//!   API ([`crate::store::Store`]) use it: every statement runs at once on
+//!   the calling thread, so its futures are always ready.
+//! - [`SqlxSqliteConn`]: a pooled sqlx SQLite connection (the readers).
+//! - [`PgConn`]: a pooled sqlx PostgreSQL connection.
 
 use crate::store::{Result, StoreError};
+use sqlx::{Column, Row as _, TypeInfo, ValueRef};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
 
 /// A parameter or column value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Val {
     Int(i64),
     Text(String),
+    /// NULL in an integer column (parameters) or any NULL (results).
     Null,
+    /// NULL in a text column (parameters only).
+    NullText,
 }
 
 impl From<i64> for Val {
@@ -44,13 +62,13 @@ impl From<String> for Val {
 
 impl From<Option<&str>> for Val {
     fn from(v: Option<&str>) -> Val {
-        v.map_or(Val::Null, Val::from)
+        v.map_or(Val::NullText, Val::from)
     }
 }
 
 impl From<&Option<String>> for Val {
     fn from(v: &Option<String>) -> Val {
-        v.as_deref().map_or(Val::Null, Val::from)
+        v.as_deref().map_or(Val::NullText, Val::from)
     }
 }
 
@@ -89,7 +107,7 @@ impl Row {
     pub fn opt_i64(&self, i: usize) -> Result<Option<i64>> {
         match self.at(i)? {
             Val::Int(v) => Ok(Some(*v)),
-            Val::Null => Ok(None),
+            Val::Null | Val::NullText => Ok(None),
             other => Err(StoreError::Corrupt(format!(
                 "column {i}: expected integer or NULL, got {other:?}"
             ))),
@@ -108,7 +126,7 @@ impl Row {
     pub fn opt_text(&self, i: usize) -> Result<Option<String>> {
         match self.at(i)? {
             Val::Text(v) => Ok(Some(v.clone())),
-            Val::Null => Ok(None),
+            Val::Null | Val::NullText => Ok(None),
             other => Err(StoreError::Corrupt(format!(
                 "column {i}: expected text or NULL, got {other:?}"
             ))),
@@ -123,48 +141,110 @@ pub enum Dialect {
     Postgres,
 }
 
-/// Statements run against a connection (inside or outside a transaction).
-pub trait Sql {
+/// Statements run against a connection, inside the transaction its owner
+/// opened. `Send` so that the rules' futures can move between threads.
+pub trait Sql: Send {
     fn dialect(&self) -> Dialect;
+
     /// Run a statement; returns the number of rows changed.
-    fn exec(&self, sql: &str, params: &[Val]) -> Result<u64>;
+    fn exec(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<u64>> + Send;
+
     /// Run a query and return every row.
-    fn rows(&self, sql: &str, params: &[Val]) -> Result<Vec<Row>>;
+    fn rows(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<Vec<Row>>> + Send;
 
     /// The first row, if any.
-    fn row(&self, sql: &str, params: &[Val]) -> Result<Option<Row>> {
-        Ok(self.rows(sql, params)?.into_iter().next())
+    fn row(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        async move { Ok(self.rows(sql, params).await?.into_iter().next()) }
     }
 
-    /// A single integer (e.g. `COUNT(*)`); missing rows are an error.
-    fn int(&self, sql: &str, params: &[Val]) -> Result<i64> {
-        self.row(sql, params)?
-            .ok_or_else(|| StoreError::Corrupt("query returned no row".into()))?
-            .i64(0)
-    }
-}
-
-/// `?N` → `$N` (PostgreSQL). The store's SQL never has `?` inside literals.
-pub fn to_postgres(sql: &str) -> String {
-    sql.replace('?', "$")
-}
-
-/// Drop ` FOR UPDATE` row-lock clauses (SQLite locks the whole database).
-pub fn to_sqlite(sql: &str) -> String {
-    sql.replace(" FOR UPDATE", "")
-}
-
-// ----- SQLite ---------------------------------------------------------------
-
-fn sqlite_value(v: &Val) -> rusqlite::types::Value {
-    match v {
-        Val::Int(i) => rusqlite::types::Value::Integer(*i),
-        Val::Text(s) => rusqlite::types::Value::Text(s.clone()),
-        Val::Null => rusqlite::types::Value::Null,
+    /// A single integer (e.g. `COUNT(*)`); a missing row is an error.
+    fn int(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<i64>> + Send {
+        async move {
+            self.row(sql, params)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("query returned no row".into()))?
+                .i64(0)
+        }
     }
 }
 
-fn sqlite_read(v: rusqlite::types::ValueRef<'_>) -> Result<Val> {
+/// Drive a future that never waits (every statement of a [`SqliteConn`]
+/// completes synchronously) to its result on this thread.
+pub fn run_ready<F: Future>(fut: F) -> Result<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = Context::from_waker(Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(v) => Ok(v),
+        Poll::Pending => Err(StoreError::Corrupt(
+            "a SQLite operation tried to wait inside the writer".into(),
+        )),
+    }
+}
+
+// ----- SQLite through rusqlite (the writer, the operator API) ---------------
+
+/// A rusqlite connection inside a transaction its owner opened.
+pub struct SqliteConn<'c> {
+    conn: &'c mut rusqlite::Connection,
+}
+
+impl<'c> SqliteConn<'c> {
+    pub fn new(conn: &'c mut rusqlite::Connection) -> SqliteConn<'c> {
+        SqliteConn { conn }
+    }
+
+    /// `$N` parameters are bound by name: SQLite numbers named parameters in
+    /// order of first appearance, which need not be N.
+    fn bind(stmt: &mut rusqlite::Statement<'_>, params: &[Val]) -> Result<()> {
+        for index in 1..=stmt.parameter_count() {
+            let n = stmt
+                .parameter_name(index)
+                .and_then(|name| name.strip_prefix('$'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("parameter {index} is not $N")))?;
+            let value = params
+                .get(n.wrapping_sub(1))
+                .ok_or_else(|| StoreError::Corrupt(format!("no value for ${n}")))?;
+            match value {
+                Val::Int(i) => stmt.raw_bind_parameter(index, *i)?,
+                Val::Text(s) => stmt.raw_bind_parameter(index, s.as_str())?,
+                Val::Null | Val::NullText => {
+                    stmt.raw_bind_parameter(index, rusqlite::types::Null)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn exec_now(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        Self::bind(&mut stmt, params)?;
+        let n = stmt.raw_execute()?;
+        Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+
+    fn rows_now(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        Self::bind(&mut stmt, params)?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let mut vals = Vec::with_capacity(columns);
+            for i in 0..columns {
+                vals.push(rusqlite_read(row.get_ref(i)?)?);
+            }
+            out.push(Row(vals));
+        }
+        Ok(out)
+    }
+}
+
+fn rusqlite_read(v: rusqlite::types::ValueRef<'_>) -> Result<Val> {
     use rusqlite::types::ValueRef;
     match v {
         ValueRef::Null => Ok(Val::Null),
@@ -178,31 +258,144 @@ fn sqlite_read(v: rusqlite::types::ValueRef<'_>) -> Result<Val> {
     }
 }
 
-impl Sql for rusqlite::Connection {
+impl Sql for SqliteConn<'_> {
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
     }
 
-    fn exec(&self, sql: &str, params: &[Val]) -> Result<u64> {
-        let sql = to_sqlite(sql);
-        let mut stmt = self.prepare_cached(&sql)?;
-        let n = stmt.execute(rusqlite::params_from_iter(params.iter().map(sqlite_value)))?;
-        Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    fn exec(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<u64>> + Send {
+        std::future::ready(self.exec_now(sql, params))
     }
 
-    fn rows(&self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
-        let sql = to_sqlite(sql);
-        let mut stmt = self.prepare_cached(&sql)?;
-        let columns = stmt.column_count();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(sqlite_value)))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let mut vals = Vec::with_capacity(columns);
-            for i in 0..columns {
-                vals.push(sqlite_read(row.get_ref(i)?)?);
-            }
-            out.push(Row(vals));
+    fn rows(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        std::future::ready(self.rows_now(sql, params))
+    }
+}
+
+// ----- sqlx (SQLite readers, PostgreSQL) ---------------------------------
+
+macro_rules! bind_vals {
+    ($query:expr, $params:expr) => {{
+        let mut q = $query;
+        for p in $params {
+            q = match p {
+                Val::Int(i) => q.bind(*i),
+                Val::Text(s) => q.bind(s.as_str()),
+                Val::Null => q.bind(None::<i64>),
+                Val::NullText => q.bind(None::<&str>),
+            };
         }
-        Ok(out)
+        q
+    }};
+}
+
+/// A pooled sqlx SQLite connection (read-only use: the readers).
+pub struct SqlxSqliteConn<'c> {
+    conn: &'c mut sqlx::SqliteConnection,
+}
+
+impl<'c> SqlxSqliteConn<'c> {
+    pub fn new(conn: &'c mut sqlx::SqliteConnection) -> SqlxSqliteConn<'c> {
+        SqlxSqliteConn { conn }
+    }
+}
+
+fn sqlx_sqlite_row(row: &sqlx::sqlite::SqliteRow) -> Result<Row> {
+    let mut out = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            out.push(Val::Null);
+            continue;
+        }
+        let kind = raw.type_info().name().to_ascii_uppercase();
+        let v = match kind.as_str() {
+            "INTEGER" | "INT" | "BIGINT" | "BOOLEAN" => Val::Int(row.try_get::<i64, _>(i)?),
+            "TEXT" => Val::Text(row.try_get::<String, _>(i)?),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "column {i} has unsupported type {other}"
+                )))
+            }
+        };
+        out.push(v);
+    }
+    Ok(Row(out))
+}
+
+impl Sql for SqlxSqliteConn<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        let q = bind_vals!(sqlx::query(sql), params);
+        Ok(q.execute(&mut *self.conn).await?.rows_affected())
+    }
+
+    async fn rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
+        let q = bind_vals!(sqlx::query(sql), params);
+        let rows = q.fetch_all(&mut *self.conn).await?;
+        rows.iter().map(sqlx_sqlite_row).collect()
+    }
+}
+
+/// A pooled sqlx PostgreSQL connection inside a transaction.
+pub struct PgConn<'c> {
+    conn: &'c mut sqlx::PgConnection,
+}
+
+impl<'c> PgConn<'c> {
+    pub fn new(conn: &'c mut sqlx::PgConnection) -> PgConn<'c> {
+        PgConn { conn }
+    }
+}
+
+fn pg_row(row: &sqlx::postgres::PgRow) -> Result<Row> {
+    let mut out = Vec::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        let ty = col.type_info().name();
+        let v = match ty {
+            "INT8" => row
+                .try_get::<Option<i64>, _>(i)?
+                .map_or(Val::Null, Val::Int),
+            "INT4" => row
+                .try_get::<Option<i32>, _>(i)?
+                .map_or(Val::Null, |x| Val::Int(i64::from(x))),
+            "INT2" => row
+                .try_get::<Option<i16>, _>(i)?
+                .map_or(Val::Null, |x| Val::Int(i64::from(x))),
+            "BOOL" => row
+                .try_get::<Option<bool>, _>(i)?
+                .map_or(Val::Null, |x| Val::Int(i64::from(x))),
+            "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" => row
+                .try_get::<Option<String>, _>(i)?
+                .map_or(Val::Null, Val::Text),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "column {} has unsupported type {other}",
+                    col.name()
+                )))
+            }
+        };
+        out.push(v);
+    }
+    Ok(Row(out))
+}
+
+impl Sql for PgConn<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        let q = bind_vals!(sqlx::query(sql), params);
+        Ok(q.execute(&mut *self.conn).await?.rows_affected())
+    }
+
+    async fn rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
+        let q = bind_vals!(sqlx::query(sql), params);
+        let rows = q.fetch_all(&mut *self.conn).await?;
+        rows.iter().map(pg_row).collect()
     }
 }

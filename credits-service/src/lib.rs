@@ -2,12 +2,16 @@
 //! calls, a demo upstream API to protect, and an operator CLI.
 //!
 //! - [`keys`]: credential formats, hashing and generation
-//! - [`store`]: storage, migrations and the money rules (ledger, holds,
-//!   rate limits, refunds, `check`)
-//! - [`db`], [`pg`]: the SQL layer shared by SQLite and PostgreSQL
+//! - [`store`]: the money rules' vocabulary and the synchronous operator API
+//! - [`rules`]: the money rules, written once over [`db::Sql`]
+//! - [`db`]: the SQL layer shared by SQLite and PostgreSQL
+//! - [`sqlite`], [`pg`], [`backend`]: the service's async backends (SQLite
+//!   readers and group-commit writer; PostgreSQL pool) behind one [`backend::Db`]
 //! - [`api`]: the credits HTTP API used by the filter
+//! - [`auth`]: service keys (the filter's callouts) and the admin key
 //! - [`demo_upstream`]: the demo paid API behind the filter
-//! - [`http`]: shared tiny_http plumbing (worker pool, JSON replies)
+//! - [`http`]: serving axum routers on hyper: timeouts, limits, graceful shutdown
+//! - [`metrics`]: the service's Prometheus metrics
 //! - [`cli`]: the `dialtone-credits` command line
 #![cfg_attr(
     test,
@@ -20,10 +24,15 @@
 )]
 
 pub mod api;
+pub mod auth;
+pub mod backend;
 pub mod cli;
 pub mod db;
 pub mod demo_upstream;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod pg;
+pub mod rules;
+pub mod sqlite;
 pub mod store;

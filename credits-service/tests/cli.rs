@@ -18,6 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_dialtone-credits");
 
 fn run(db: &TempDb, args: &[&str]) -> Output {
     Command::new(BIN)
+        .env("DIAL_SERVICE_KEY", common::SERVICE_KEY)
         .arg("--db")
         .arg(&db.path)
         .args(args)
@@ -242,6 +243,7 @@ fn serve_prints_addresses_and_serves_both_apis() {
 
     let mut child = Child(
         Command::new(BIN)
+            .env("DIAL_SERVICE_KEY", common::SERVICE_KEY)
             .arg("--db")
             .arg(&db.path)
             .args([

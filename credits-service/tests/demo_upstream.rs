@@ -25,7 +25,7 @@ struct Fixture {
 
 fn start() -> Fixture {
     let db = TempDb::new();
-    let server = demo_upstream::start("127.0.0.1:0", 4, db.shared(), Arc::new(|| T0)).unwrap();
+    let server = demo_upstream::start("127.0.0.1:0", 4, &db.shared(), Arc::new(|| T0)).unwrap();
     let base = format!("http://{}", server.addr());
     Fixture { db, server, base }
 }
@@ -141,66 +141,61 @@ fn account_reads_identity_headers() {
 }
 
 #[test]
-fn top_up_credits_once_per_payment_header() {
+fn top_up_credits_once_per_settled_transaction() {
     let f = start();
     let url = format!("{}/api/v1/credits/top-up", f.base);
+    let tx = "0x5240caeb76e008a016ccfacb8faab06934f2937e25313e2923fb1ce9fd1d6009";
+    let settled = |account: &'static str, tx: &'static str, amount: &'static str| {
+        vec![
+            ("x-dialtone-account", account),
+            ("x-dialtone-x402-transaction", tx),
+            ("x-dialtone-x402-network", "eip155:31337"),
+            ("x-dialtone-x402-amount", amount),
+        ]
+    };
 
-    let r = call("POST", &url, &[("x-dialtone-account", "acct")], Some("{}"));
-    assert_eq!(r.status, 402);
-    assert_eq!(
-        r.json,
-        json!({ "success": false, "error": "payment_required" })
-    );
+    // A payment header alone (no settlement by the gate) credits nothing.
+    for headers in [vec![("x-dialtone-account", "acct"), ("payment-signature", "sig-1")], vec![("x-dialtone-account", "acct")]] {
+        let r = call("POST", &url, &headers, Some("{}"));
+        assert_eq!(r.status, 402);
+        assert_eq!(r.json["error"], "payment_required");
+    }
+    assert_eq!(f.db.open().balance("acct").unwrap(), None);
 
-    let paid = [
-        ("x-dialtone-account", "acct"),
-        ("payment-signature", "sig-1"),
-    ];
-    let r = call("POST", &url, &paid, Some("{}"));
+    let r = call("POST", &url, &settled("acct", tx, "1000000"), Some("{}"));
     assert_eq!(r.status, 200);
-    assert_eq!(
-        r.json,
-        json!({ "success": true, "credited": 100, "credits": 100, "note": "demo: x402 payment not verified" })
-    );
+    assert_eq!(r.json, json!({ "success": true, "credited": 100, "credits": 100, "transaction": tx }));
 
-    // The same payment again credits nothing.
-    let r = call("POST", &url, &paid, Some("{}"));
+    // The same transaction again credits nothing.
+    let r = call("POST", &url, &settled("acct", tx, "1000000"), Some("{}"));
     assert_eq!(r.status, 200);
-    assert_eq!(r.json["credited"], 0);
-    assert_eq!(r.json["credits"], 100);
-    assert_eq!(r.json["replayed"], true);
+    assert_eq!((r.json["credited"].clone(), r.json["credits"].clone(), r.json["replayed"].clone()), (json!(0), json!(100), json!(true)));
 
-    // A different payment (legacy X-PAYMENT header) credits again.
-    let r = call(
-        "POST",
-        &url,
-        &[("x-dialtone-account", "acct"), ("X-PAYMENT", "pay-2")],
-        Some("{}"),
-    );
-    assert_eq!(r.json["credited"], 100);
-    assert_eq!(r.json["credits"], 200);
-    assert_eq!(f.db.open().balance("acct").unwrap(), Some(200));
+    // Another transaction credits again; the ledger row names each one.
+    let tx2 = "0x1111111111111111111111111111111111111111111111111111111111111111";
+    let r = call("POST", &url, &settled("acct", tx2, "20000"), Some("{}"));
+    assert_eq!((r.json["credited"].clone(), r.json["credits"].clone()), (json!(2), json!(102)));
+    let mut store = f.db.open();
+    assert_eq!(store.balance("acct").unwrap(), Some(102));
+    let ledger = store.ledger("acct", 10).unwrap();
+    let keys: Vec<Option<String>> = ledger.iter().filter(|e| e.kind == "topup").map(|e| e.idempotency_key.clone()).collect();
+    assert!(keys.contains(&Some(format!("x402:eip155:31337:{tx}"))) && keys.contains(&Some(format!("x402:eip155:31337:{tx2}"))), "{keys:?}");
+    assert!(store.check().unwrap().is_ok());
 
-    // Reusing a payment for another account is refused.
-    let r = call(
-        "POST",
-        &url,
-        &[
-            ("x-dialtone-account", "other"),
-            ("payment-signature", "sig-1"),
-        ],
-        Some("{}"),
-    );
+    // A transaction is never credited to a second account.
+    let r = call("POST", &url, &settled("other", tx, "1000000"), Some("{}"));
     assert_eq!(r.status, 409);
     assert_eq!(r.json["error"], "payment_already_used");
-
-    // Without an identity nothing is credited.
-    let r = call("POST", &url, &[("payment-signature", "sig-3")], Some("{}"));
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json["success"], true);
-    assert_eq!(r.json["credited"], 0);
-    assert!(r.json["note"].as_str().unwrap().contains("not verified"));
-    assert!(r.json.get("credits").is_none());
+    // Too small to buy a credit, or no account: refused, nothing credited.
+    assert_eq!(call("POST", &url, &settled("acct", "0xsmall", "9999"), Some("{}")).status, 400);
+    let r = call(
+        "POST",
+        &url,
+        &[("x-dialtone-x402-transaction", "0xanon"), ("x-dialtone-x402-network", "eip155:31337"), ("x-dialtone-x402-amount", "1000000")],
+        Some("{}"),
+    );
+    assert_eq!((r.status, r.json["error"].clone()), (400, json!("no_identity")));
+    assert_eq!(f.db.open().balance("acct").unwrap(), Some(102));
 }
 
 #[test]

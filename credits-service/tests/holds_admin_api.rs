@@ -48,8 +48,9 @@ fn start(db: &TestBackend, admin: AdminAuth) -> Fixture<'_> {
     let config = ApiConfig {
         clock_ms: Arc::new(move || c.load(Ordering::SeqCst)),
         admin,
+        service: common::service_auth(),
     };
-    let server = api::start_with_config("127.0.0.1:0", 4, db.shared(), config).unwrap();
+    let server = api::start_with_config("127.0.0.1:0", 4, &db.shared(), config).unwrap();
     let base = format!("http://{}", server.addr());
     Fixture {
         db,

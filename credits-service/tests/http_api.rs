@@ -9,7 +9,7 @@
 mod common;
 
 use common::{call, get, post, TempDb};
-use dialtone_credits::api;
+use dialtone_credits::api::{self, ApiConfig};
 use dialtone_credits::http::RunningServer;
 use dialtone_credits::keys::{self, Expiry, KeyKind, DAY_SECS};
 use dialtone_credits::store::NewKey;
@@ -32,8 +32,11 @@ fn start() -> Fixture {
 
 fn start_at(now: i64) -> Fixture {
     let db = TempDb::new();
-    let server =
-        api::start_with_clock("127.0.0.1:0", 4, db.shared(), Arc::new(move || now)).unwrap();
+    let config = ApiConfig {
+        service: common::service_auth(),
+        ..ApiConfig::with_clock(Arc::new(move || now))
+    };
+    let server = api::start_with_config("127.0.0.1:0", 4, &db.shared(), config).unwrap();
     let base = format!("http://{}", server.addr());
     Fixture { db, server, base }
 }
@@ -95,9 +98,18 @@ fn lookup_active_key_returns_documented_shape() {
             "balance": 100
         })
     );
-    // The lookup marked the key as used at the server's clock.
-    let listed = store.list_keys("did:privy:cm123", T0).unwrap();
-    assert_eq!(listed[0].last_used_at, Some(T0));
+    // The lookup marked the key as used at the server's clock. The service
+    // records that after answering (a lookup never waits for the writer), so
+    // wait for it, within a bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = store.list_keys("did:privy:cm123", T0).unwrap();
+        if listed[0].last_used_at == Some(T0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "last_used_at never recorded: {listed:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -311,7 +323,9 @@ fn oversized_bodies_are_413_and_the_server_keeps_serving() {
     let mut conn = std::net::TcpStream::connect(f.server.addr()).unwrap();
     let chunk = "y".repeat(70 * 1024);
     let request = format!(
-        "POST /v1/debit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        "POST /v1/debit HTTP/1.1\r\nHost: x\r\n{}: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        common::SERVICE_KEY_HEADER,
+        common::SERVICE_KEY,
         chunk.len()
     );
     // The server answers 413 as soon as the cap is passed and closes without
@@ -371,4 +385,40 @@ fn absurd_content_length_does_not_crash_the_server() {
     }
     let r = get(&format!("{}/healthz", f.base));
     assert_eq!(r.status, 200);
+}
+
+#[test]
+fn an_x402_payment_is_claimed_by_one_request_at_a_time() {
+    let claim = "0def2fc2e3aefc9a7dd7959679c887ff5176f4e741c0a848a5aeb1886000f99b";
+    let body = |owner: &str, ttl: i64| json!({"claim": claim, "owner": owner, "ttl_seconds": ttl, "route": "sms_send"}).to_string();
+    let f = start();
+    let url = format!("{}/v1/x402/claims", f.base);
+    let r = post(&url, &body("sms_send:req-1", 60));
+    assert_eq!((r.status, r.json.clone()), (201, json!({"claim": claim, "claimed": true, "replayed": false})));
+    // The same request again (a retried callout): still its claim.
+    let r = post(&url, &body("sms_send:req-1", 60));
+    assert_eq!((r.status, r.json["claimed"].clone(), r.json["replayed"].clone()), (200, json!(true), json!(true)));
+    // A copy of the payment on another request: in use.
+    let r = post(&url, &body("sms_send:req-2", 60));
+    assert_eq!((r.status, r.json.clone()), (409, json!({"claim": claim, "error": "claim_in_use"})));
+    // Given back (the upstream failed): the next request may take it.
+    let r = post(&format!("{url}/{claim}/release"), "{}");
+    assert_eq!((r.status, r.json.clone()), (200, json!({"claim": claim, "released": true})));
+    assert_eq!(post(&format!("{url}/{claim}/release"), "{}").status, 404);
+    assert_eq!(post(&url, &body("sms_send:req-2", 60)).status, 201);
+    // Bad input: 400, nothing claimed.
+    for bad in [
+        json!({"claim": "XYZ", "owner": "o", "ttl_seconds": 60, "route": "r"}),
+        json!({"claim": claim, "owner": "", "ttl_seconds": 60, "route": "r"}),
+        json!({"claim": claim, "owner": "o", "ttl_seconds": 0, "route": "r"}),
+        json!({"claim": claim, "owner": "o", "ttl_seconds": 60}),
+    ] {
+        assert_eq!(post(&url, &bad.to_string()).status, 400, "{bad}");
+    }
+    // A lapsed claim is taken over: the same database, a clock 61 s on.
+    let config = ApiConfig { service: common::service_auth(), ..ApiConfig::with_clock(Arc::new(|| T0 + 61)) };
+    let later = api::start_with_config("127.0.0.1:0", 2, &f.db.shared(), config).unwrap();
+    let later_url = format!("http://{}/v1/x402/claims", later.addr());
+    assert_eq!(post(&later_url, &body("sms_send:req-3", 60)).status, 201, "req-2's claim lapsed at T0 + 60");
+    assert_eq!(post(&url, &body("sms_send:req-4", 60)).status, 409, "and req-3 holds it now");
 }

@@ -28,6 +28,7 @@ struct Instance {
 impl Instance {
     fn start(db: &str) -> Instance {
         let mut child = Command::new(BIN)
+            .env("DIAL_SERVICE_KEY", common::SERVICE_KEY)
             .args(["--db", db, "serve", "--listen", "127.0.0.1:0", "--workers", "4"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

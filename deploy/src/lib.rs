@@ -54,20 +54,35 @@ pub struct EnvoyValidation {
     pub output: String,
 }
 
+/// The variables the filter reads from its VM environment (the bootstraps'
+/// `host_env_keys`): the admin key, the shared-cache secret, the service key.
+pub const FILTER_ENV: &[&str] = &["DIAL_ADMIN_API_KEY", "DIAL_SHARED_CACHE_SECRET", "DIAL_SERVICE_KEY"];
+
 /// Runs `envoy --mode validate -c config`. `admin_key` sets (or, `None`,
-/// removes) `DIAL_ADMIN_API_KEY` in Envoy's environment. Envoy 1.40 loads the
-/// `.wasm` in this mode and runs the filter's `on_configure`, so an invalid
-/// plugin configuration fails validation. Err only if Envoy cannot be run.
+/// removes) `DIAL_ADMIN_API_KEY` in Envoy's environment; the filter's other
+/// variables ([`FILTER_ENV`]) are removed. Envoy 1.40 loads the `.wasm` in
+/// this mode and runs the filter's `on_configure`, so an invalid plugin
+/// configuration fails validation. Err only if Envoy cannot be run.
 pub fn envoy_validate(envoy: &Path, config: &Path, admin_key: Option<&str>) -> Result<EnvoyValidation, String> {
+    let env: Vec<(&str, &str)> = admin_key.map(|k| ("DIAL_ADMIN_API_KEY", k)).into_iter().collect();
+    envoy_validate_env(envoy, config, &env)
+}
+
+/// [`envoy_validate`] with Envoy's environment holding exactly `env` of the
+/// filter's variables ([`FILTER_ENV`]; the rest are removed, whatever the
+/// caller's environment holds).
+pub fn envoy_validate_env(envoy: &Path, config: &Path, env: &[(&str, &str)]) -> Result<EnvoyValidation, String> {
     if !envoy.exists() {
         return Err(format!("Envoy not found at {}: run `make envoy` (or set ENVOY_BIN)", envoy.display()));
     }
     let mut cmd = Command::new(envoy);
     cmd.args(["--mode", "validate", "--disable-hot-restart", "--log-level", "info", "-c"]).arg(config);
-    match admin_key {
-        Some(k) => cmd.env("DIAL_ADMIN_API_KEY", k),
-        None => cmd.env_remove("DIAL_ADMIN_API_KEY"),
-    };
+    for name in FILTER_ENV {
+        cmd.env_remove(name);
+    }
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
     let out = cmd.output().map_err(|e| format!("running {}: {e}", envoy.display()))?;
     let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
     output.push_str(&String::from_utf8_lossy(&out.stderr));

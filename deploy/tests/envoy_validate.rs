@@ -9,11 +9,23 @@
 
 use std::path::{Path, PathBuf};
 
-use dialtone_deploy::{envoy_validate, k8s, EnvoyValidation};
+use dialtone_deploy::{envoy_validate, envoy_validate_env, k8s, EnvoyValidation};
 use dialtone_devstack::{demo_plugin_config, render_envoy, tokens, Ports};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "dial_admin_0123456789abcdef0123456789abcdef";
+/// Real-shaped values of the filter's other secrets (`openssl rand -hex 32`).
+const SHARED_CACHE_SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const SERVICE_KEY: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+/// Every secret of the filter, as a deployment sets them.
+fn all_secrets() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("DIAL_ADMIN_API_KEY", ADMIN_KEY),
+        ("DIAL_SHARED_CACHE_SECRET", SHARED_CACHE_SECRET),
+        ("DIAL_SERVICE_KEY", SERVICE_KEY),
+    ]
+}
 
 fn root() -> PathBuf {
     dialtone_deploy::root().unwrap()
@@ -33,9 +45,48 @@ fn validate(config: &Path, admin_key: Option<&str>) -> EnvoyValidation {
     envoy_validate(&envoy(), config, admin_key).unwrap()
 }
 
+fn validate_env(config: &Path, env: &[(&str, &str)]) -> EnvoyValidation {
+    envoy_validate_env(&envoy(), config, env).unwrap()
+}
+
+/// The bootstrap YAML as JSON.
+fn yaml_file(path: &Path) -> Value {
+    serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&std::fs::read_to_string(path).unwrap()).unwrap())
+        .unwrap()
+}
+
+/// The plugin configuration of a bootstrap's one Wasm filter.
+fn bootstrap_plugin_config(y: &Value) -> Value {
+    let wasm_filter =
+        &y["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+    serde_json::from_str(wasm_filter["typed_config"]["config"]["configuration"]["value"].as_str().unwrap()).unwrap()
+}
+
+/// Every cluster a plugin configuration sends callouts to: the key/credits
+/// service, the x402 facilitator, the JWKS host.
+fn callout_clusters(cfg: &Value) -> Vec<String> {
+    ["/credits_service/cluster", "/x402_facilitator/cluster", "/privy/jwks_fetch/cluster"]
+        .iter()
+        .filter_map(|p| cfg.pointer(p).and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
+
+/// Each callout cluster of the bootstrap's policy is one of its clusters
+/// (a callout to a missing one fails every paid request with 503).
+fn assert_callout_clusters_defined(y: &Value, what: &str) -> Vec<String> {
+    let cfg = bootstrap_plugin_config(y);
+    let defined: Vec<&str> =
+        y["static_resources"]["clusters"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+    let wanted = callout_clusters(&cfg);
+    for c in &wanted {
+        assert!(defined.contains(&c.as_str()), "{what}: the policy calls cluster {c:?}, not among {defined:?}");
+    }
+    wanted
+}
+
 fn ports() -> Ports {
     // Validation binds nothing.
-    Ports { listen: 10000, admin: 9901, credits: 8081, upstream: 8082 }
+    Ports { listen: 10000, admin: 9901, credits: 8081, upstream: 8082, facilitator: 4022 }
 }
 
 fn render(dir: &Path, name: &str, plugin_config: &Value) -> PathBuf {
@@ -74,6 +125,20 @@ fn rendered_local_bootstrap_validates() {
 }
 
 #[test]
+fn rendered_local_bootstrap_defines_every_cluster_its_policy_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = render(tmp.path(), "envoy.yaml", &dev_config(tmp.path()));
+    let wanted = assert_callout_clusters_defined(&yaml_file(&path), "rendered envoy.yaml.tmpl");
+    assert!(wanted.contains(&"x402_facilitator".to_owned()), "{wanted:?}");
+    // The facilitator cluster is the local x402 stack's port.
+    let y = yaml_file(&path);
+    let c =
+        y["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "x402_facilitator").unwrap();
+    let addr = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+    assert_eq!(addr["port_value"], json!(ports().facilitator));
+}
+
+#[test]
 fn invalid_plugin_config_fails_validation_with_the_filter_log_line() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = dev_config(tmp.path());
@@ -100,7 +165,25 @@ fn static_bootstrap(dir: &Path) -> PathBuf {
 #[test]
 fn static_bootstrap_validates() {
     let tmp = tempfile::tempdir().unwrap();
-    assert_ok(&validate(&static_bootstrap(tmp.path()), Some(ADMIN_KEY)), "envoy/envoy-static.yaml");
+    let path = static_bootstrap(tmp.path());
+    assert_ok(&validate(&path, Some(ADMIN_KEY)), "envoy/envoy-static.yaml");
+    // With every secret set, as its header's "Run:" line says.
+    assert_ok(&validate_env(&path, &all_secrets()), "envoy/envoy-static.yaml with every secret");
+}
+
+#[test]
+fn static_bootstrap_defines_every_cluster_its_policy_calls() {
+    let y = yaml_file(&root().join("envoy/envoy-static.yaml"));
+    let wanted = assert_callout_clusters_defined(&y, "envoy/envoy-static.yaml");
+    assert_eq!(wanted, ["dialtone_credits", "x402_facilitator"]);
+    // The facilitator is the local reference one (scripts/x402-stack.sh's
+    // default port), as the header's port list says.
+    let c =
+        y["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "x402_facilitator").unwrap();
+    let addr = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+    assert_eq!((addr["address"].as_str(), addr["port_value"].as_u64()), (Some("127.0.0.1"), Some(4022)));
+    let text = std::fs::read_to_string(root().join("envoy/envoy-static.yaml")).unwrap();
+    assert!(text.contains("#   facilitator  127.0.0.1:4022"), "the header lists the facilitator's port");
 }
 
 #[test]
@@ -134,6 +217,28 @@ fn placeholder_admin_key_makes_envoy_refuse_the_plugin() {
 }
 
 #[test]
+fn short_service_key_makes_envoy_refuse_the_plugin_and_a_real_one_loads() {
+    // The Secrets' placeholder, then one character short of the minimum: the
+    // real filter refuses its configuration with the line the docs quote.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = static_bootstrap(tmp.path());
+    for short in ["CHANGE-ME".to_owned(), "k".repeat(31)] {
+        let v = validate_env(&path, &[("DIAL_ADMIN_API_KEY", ADMIN_KEY), ("DIAL_SERVICE_KEY", &short)]);
+        assert!(!v.ok, "accepted a {}-character service key:\n{}", short.len(), v.output);
+        assert!(
+            v.output.contains("invalid plugin configuration: env DIAL_SERVICE_KEY must be at least 32 characters"),
+            "{}",
+            v.output
+        );
+    }
+    // Exactly 32 loads; unset loads too, with the warning that callouts carry no key.
+    assert_ok(&validate_env(&path, &[("DIAL_SERVICE_KEY", &"k".repeat(32))]), "32-character service key");
+    let v = validate_env(&path, &[]);
+    assert_ok(&v, "no service key");
+    assert!(v.output.contains("DIAL_SERVICE_KEY is not set"), "{}", v.output);
+}
+
+#[test]
 fn istio_and_gateway_plugin_configs_load_in_the_real_filter() {
     let tmp = tempfile::tempdir().unwrap();
     for (dir, kind) in [("envoy/istio", "WasmPlugin"), ("envoy/gateway", "EnvoyExtensionPolicy")] {
@@ -142,6 +247,8 @@ fn istio_and_gateway_plugin_configs_load_in_the_real_filter() {
         let (_, cfg) = k8s::plugin_configs(doc).remove(0);
         let path = render(tmp.path(), &format!("{kind}.yaml"), &cfg);
         assert_ok(&validate(&path, Some(ADMIN_KEY)), kind);
+        // With every secret the manifests carry, as a deployment sets them.
+        assert_ok(&validate_env(&path, &all_secrets()), kind);
     }
 }
 

@@ -24,6 +24,14 @@ fn docs(dir: &str) -> Vec<Doc> {
     d
 }
 
+/// The one `kind` named `namespace`/`name`.
+fn find_in<'a>(docs: &'a [Doc], kind: &str, namespace: &str, name: &str) -> &'a Doc {
+    let v: Vec<&Doc> =
+        docs.iter().filter(|d| d.kind() == kind && d.namespace() == namespace && d.name() == name).collect();
+    assert_eq!(v.len(), 1, "expected exactly one {kind} {namespace}/{name}");
+    v[0]
+}
+
 fn find<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Doc {
     docs.iter().find(|d| d.kind() == kind && d.name() == name).unwrap_or_else(|| {
         panic!("no {kind} {name} among {:?}", docs.iter().map(|d| d.to_string()).collect::<Vec<_>>())
@@ -40,16 +48,71 @@ fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or_else(|| panic!("no string at {ptr} in {v}"))
 }
 
-/// policy/demo.json with the parts a deployment must change blanked out.
+/// policy/demo.json with the parts a deployment must change blanked out:
+/// where the callouts go, the Privy app, and the chain x402 is paid on
+/// (the demo's is the local test chain, the manifests' a public test network).
 fn normalized(cfg: &Value) -> Value {
     let mut c = cfg.clone();
     for p in ["cluster", "authority"] {
         c["credits_service"].as_object_mut().unwrap().remove(p);
     }
+    for p in ["cluster", "authority", "verify_path", "settle_path"] {
+        c["x402_facilitator"].as_object_mut().expect("x402_facilitator").remove(p);
+    }
     for p in ["app_id", "verification_key", "jwks"] {
         c["privy"].as_object_mut().unwrap().remove(p);
     }
+    for route in c["routes"].as_array_mut().unwrap() {
+        for accept in route.pointer_mut("/x402/accepts").and_then(Value::as_array_mut).into_iter().flatten() {
+            for p in ["network", "asset", "payTo"] {
+                accept.as_object_mut().unwrap().remove(p);
+            }
+        }
+    }
     c
+}
+
+/// Every x402 `accepts` entry of a plugin configuration.
+fn x402_accepts(cfg: &Value) -> Vec<&Value> {
+    cfg["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.pointer("/x402/accepts").and_then(Value::as_array).into_iter().flatten())
+        .collect()
+}
+
+/// The public test network the manifests' x402 requirements are on: Base
+/// Sepolia and its USDC (EIP-712 domain "USDC", "2"), paid to a placeholder.
+const BASE_SEPOLIA: &str = "eip155:84532";
+const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+const PAY_TO_PLACEHOLDER: &str = "0x000000000000000000000000000000000000dEaD";
+
+/// The key/credits service's env entries for the service key, from the
+/// Secret the proxy sends its key from: the key, and (optional, during a
+/// rotation only) the previous one it also accepts.
+fn service_key_entries() -> Value {
+    let secret = "dialtone-service-key";
+    json!([
+        {"name": SERVICE_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": SERVICE_KEY_ENV}}},
+        {"name": "DIAL_SERVICE_KEY_PREVIOUS",
+         "valueFrom": {"secretKeyRef": {"name": secret, "key": "DIAL_SERVICE_KEY_PREVIOUS", "optional": true}}}
+    ])
+}
+
+const SERVICE_KEY_ENV: &str = dialtone::credits_api::SERVICE_KEY_ENV;
+
+/// The container of the key/credits service (the one serving port 8081 that
+/// is not the proxy).
+fn credits_container(deploy: &Doc) -> &Value {
+    let containers = deploy.value["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    let v: Vec<&Value> = containers
+        .iter()
+        .filter(|c| c["name"] != "istio-proxy")
+        .filter(|c| c["ports"].as_array().into_iter().flatten().any(|p| p["containerPort"] == 8081))
+        .collect();
+    assert_eq!(v.len(), 1, "{deploy}: one key/credits service container");
+    v[0]
 }
 
 fn demo_policy() -> Value {
@@ -86,15 +149,22 @@ const SECRETS: &[FilterSecret] = &[
         secret: "dialtone-shared-cache-secret",
         example: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
     },
+    FilterSecret {
+        env: SERVICE_KEY_ENV,
+        secret: "dialtone-service-key",
+        example: "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
+    },
 ];
 
 /// What the filter's `on_configure` does with its VM environment
 /// (src/filter.rs, wasm32 only, hence restated here with the same library
-/// calls): the shared-cache secret, then the policy with the admin key. The
-/// error reads as the filter logs it after "invalid plugin configuration: ".
+/// calls): the shared-cache secret, the service key, then the policy with
+/// the admin key. The error reads as the filter logs it after "invalid
+/// plugin configuration: " (envoy_validate.rs checks the real filter's line).
 fn filter_load(cfg: &Value, env: &[(&str, &str)]) -> Result<(), String> {
     let get = |name: &str| env.iter().find(|(n, _)| *n == name).map(|&(_, v)| v);
     dialtone::cache::SlotKey::from_env(get(dialtone::cache::SHARED_SECRET_ENV)).map_err(|e| format!("env {e}"))?;
+    dialtone::credits_api::service_key_from_env(get(SERVICE_KEY_ENV)).map_err(|e| format!("env {e}"))?;
     k8s::check_plugin_config(cfg, get("DIAL_ADMIN_API_KEY")).map(|_| ())
 }
 
@@ -109,7 +179,7 @@ fn secret_env_entries() -> Value {
 /// Every secret's Secret is in `namespace` and holds that one key.
 fn assert_secrets_in(d: &[Doc], namespace: &str) {
     for x in SECRETS {
-        let secret = find(d, "Secret", x.secret);
+        let secret = find_in(d, "Secret", namespace, x.secret);
         assert_eq!(secret.namespace(), namespace, "{secret}");
         assert_eq!(secret.value["type"], "Opaque", "{secret}");
         let keys: Vec<&String> = secret.value["stringData"].as_object().unwrap().keys().collect();
@@ -166,10 +236,50 @@ fn embedded_plugin_configs_pass_the_filter_validation() {
                 }
                 // Same policy as the local demo, apart from what a deployment must set.
                 assert_eq!(normalized(&cfg), normalized(&demo_policy()), "{doc}: {at} drifted from policy/demo.json");
+                // Production templates: paid on a public test network, to a
+                // placeholder that must be replaced (never the local chain's).
+                let accepts = x402_accepts(&cfg);
+                assert!(!accepts.is_empty(), "{doc}: {at}: no x402 requirements");
+                for a in accepts {
+                    assert_eq!(s(a, "/network"), BASE_SEPOLIA, "{doc}: {at}");
+                    assert_eq!(s(a, "/asset"), BASE_SEPOLIA_USDC, "{doc}: {at}");
+                    assert_eq!(s(a, "/payTo"), PAY_TO_PLACEHOLDER, "{doc}: {at}");
+                    assert_eq!(
+                        a["extra"],
+                        json!({"name": "USDC", "version": "2"}),
+                        "{doc}: {at}: Base Sepolia USDC's EIP-712 domain"
+                    );
+                }
             }
         }
     }
     assert_eq!(seen, 2, "one WasmPlugin and one EnvoyExtensionPolicy config");
+}
+
+#[test]
+fn the_demo_policy_pays_on_the_local_chain_and_settles_top_ups_first() {
+    // What `normalized` blanks out is still checked somewhere: the demo's
+    // requirements are the local x402 stack's (scripts/x402-stack.sh).
+    let demo = demo_policy();
+    for a in x402_accepts(&demo) {
+        assert_eq!(s(a, "/network"), "eip155:31337");
+        assert_eq!(s(a, "/asset"), "0x5FbDB2315678afecb367f032d93F642f64180aa3");
+        assert_eq!(s(a, "/payTo"), "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    }
+    let top_up = demo["routes"].as_array().unwrap().iter().find(|r| r["name"] == "credits_top_up").unwrap();
+    assert_eq!(s(top_up, "/x402/settle"), "before_upstream");
+}
+
+#[test]
+fn an_x402_route_without_a_facilitator_is_refused() {
+    // The filter does not load a policy whose payments nobody could verify.
+    for (dir, kind) in [("envoy/istio", "WasmPlugin"), ("envoy/gateway", "EnvoyExtensionPolicy")] {
+        let d = docs(dir);
+        let (_, mut cfg) = k8s::plugin_configs(only(&d, kind)).remove(0);
+        cfg.as_object_mut().unwrap().remove("x402_facilitator").unwrap();
+        let err = k8s::check_plugin_config(&cfg, None).unwrap_err();
+        assert!(err.contains("x402_facilitator"), "{kind}: {err}");
+    }
 }
 
 #[test]
@@ -183,13 +293,18 @@ fn placeholder_secrets_are_refused_by_the_filter() {
         // Real values are accepted ...
         filter_load(&cfg, &real).unwrap();
         for x in SECRETS {
-            let secret = find(&d, "Secret", x.secret);
-            let placeholder = s(&secret.value, &format!("/stringData/{}", x.env));
-            // ... and each placeholder is refused, whatever the others hold.
-            let env: Vec<(&str, &str)> =
-                real.iter().map(|&(n, v)| (n, if n == x.env { placeholder } else { v })).collect();
-            let err = filter_load(&cfg, &env).unwrap_err();
-            assert!(err.contains(x.env), "{secret}: {err}");
+            // (Every copy: the service key's Secret exists once per namespace
+            // that reads it.)
+            let copies: Vec<&Doc> = d.iter().filter(|s| s.kind() == "Secret" && s.name() == x.secret).collect();
+            assert!(!copies.is_empty(), "no Secret {}", x.secret);
+            for secret in copies {
+                let placeholder = s(&secret.value, &format!("/stringData/{}", x.env));
+                // ... and each placeholder is refused, whatever the others hold.
+                let env: Vec<(&str, &str)> =
+                    real.iter().map(|&(n, v)| (n, if n == x.env { placeholder } else { v })).collect();
+                let err = filter_load(&cfg, &env).unwrap_err();
+                assert!(err.contains(x.env), "{secret}: {err}");
+            }
         }
     }
 }
@@ -210,6 +325,28 @@ fn the_shared_cache_secret_is_optional_but_never_short() {
         filter_load(&cfg, &[(env, &"a".repeat(31))]).unwrap_err(),
         "env DIAL_SHARED_CACHE_SECRET must be at least 32 characters"
     );
+}
+
+#[test]
+fn the_service_key_is_optional_but_never_short_nor_unsendable() {
+    let d = docs("envoy/istio");
+    let (_, cfg) = k8s::plugin_configs(only(&d, "WasmPlugin")).remove(0);
+    let env = SERVICE_KEY_ENV;
+    // Unset or empty: callouts carry no key (a service that requires one
+    // refuses them: 503), the plugin loads.
+    filter_load(&cfg, &[]).unwrap();
+    filter_load(&cfg, &[(env, "")]).unwrap();
+    // `openssl rand -hex 32` and the bare minimum load; one character less
+    // is refused with the message the docs quote.
+    filter_load(&cfg, &[(env, &"k".repeat(64))]).unwrap();
+    filter_load(&cfg, &[(env, &"k".repeat(32))]).unwrap();
+    assert_eq!(
+        filter_load(&cfg, &[(env, &"k".repeat(31))]).unwrap_err(),
+        "env DIAL_SERVICE_KEY must be at least 32 characters"
+    );
+    // It goes into a header: visible ASCII only.
+    let err = filter_load(&cfg, &[(env, &format!("{} {}", "k".repeat(16), "k".repeat(16)))]).unwrap_err();
+    assert!(err.starts_with("env DIAL_SERVICE_KEY must be visible ASCII"), "{err}");
 }
 
 /// Every `vm_config` object under `v`.
@@ -246,7 +383,7 @@ fn the_plain_envoy_bootstrap_passes_these_secrets_to_its_own_vm_id() {
 // --- wiring --------------------------------------------------------------------
 
 #[test]
-fn istio_wasmplugin_is_wired_to_the_workload_the_secrets_and_the_credits_service() {
+fn istio_wasmplugin_is_wired_to_the_workload_the_secrets_the_credits_service_and_the_facilitator() {
     let d = docs("envoy/istio");
     let wp = &only(&d, "WasmPlugin").value;
     assert_eq!(s(wp, "/spec/phase"), "AUTHN");
@@ -262,6 +399,15 @@ fn istio_wasmplugin_is_wired_to_the_workload_the_secrets_and_the_credits_service
     let fqdn = format!("{}.{}.svc.cluster.local", svc.name(), svc.namespace());
     assert_eq!(s(wp, "/spec/pluginConfig/credits_service/cluster"), format!("outbound|{port}||{fqdn}"));
     assert_eq!(s(wp, "/spec/pluginConfig/credits_service/authority"), fqdn);
+
+    // So is the facilitator cluster, for the `facilitator` Service.
+    let svc = find(&d, "Service", "facilitator");
+    let port = svc.value["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let fqdn = format!("{}.{}.svc.cluster.local", svc.name(), svc.namespace());
+    assert_eq!(s(wp, "/spec/pluginConfig/x402_facilitator/cluster"), format!("outbound|{port}||{fqdn}"));
+    assert_eq!(s(wp, "/spec/pluginConfig/x402_facilitator/authority"), fqdn);
+    // Istio's protocol selection: HTTP, so the sidecar speaks HTTP to it.
+    assert_eq!(svc.value["spec"]["ports"][0]["appProtocol"], "http");
 
     // The selector picks the Deployment's pods, and the matched port is theirs.
     let deploy = only(&d, "Deployment");
@@ -284,10 +430,41 @@ fn istio_wasmplugin_is_wired_to_the_workload_the_secrets_and_the_credits_service
     assert_eq!(proxy["image"], "auto");
     assert_eq!(proxy["env"], secret_env_entries());
     assert_secrets_in(&d, deploy.namespace());
+
+    // The key/credits service holds the key the sidecar sends, from the same
+    // Secret (same namespace).
+    assert_eq!(credits_container(deploy)["env"], service_key_entries());
+    assert_eq!(find_in(&d, "Secret", deploy.namespace(), "dialtone-service-key").namespace(), deploy.namespace());
+}
+
+/// The cluster the EnvoyPatchPolicy adds under `name`, checked to be an `add`
+/// of a whole Cluster whose patch name is its own.
+fn patched_cluster<'a>(epp: &'a Value, name: &str) -> &'a Value {
+    let patches: Vec<&Value> =
+        epp["spec"]["jsonPatches"].as_array().unwrap().iter().filter(|p| p["name"] == name).collect();
+    assert_eq!(patches.len(), 1, "one patch adds cluster {name}");
+    let patch = patches[0];
+    assert_eq!(s(patch, "/type"), "type.googleapis.com/envoy.config.cluster.v3.Cluster");
+    assert_eq!(s(patch, "/operation/op"), "add");
+    assert_eq!(s(patch, "/operation/path"), "");
+    let cluster = &patch["operation"]["value"];
+    assert_eq!(s(cluster, "/name"), name);
+    assert_eq!(s(cluster, "/load_assignment/cluster_name"), name);
+    cluster
+}
+
+/// The cluster's one endpoint is the Service's FQDN and port, and the
+/// callouts' authority names it.
+fn assert_cluster_reaches(cluster: &Value, svc: &Doc, authority: &str) {
+    let fqdn = format!("{}.{}.svc.cluster.local", svc.name(), svc.namespace());
+    let addr = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+    assert_eq!(s(addr, "/address"), fqdn);
+    assert_eq!(addr["port_value"], svc.value["spec"]["ports"][0]["port"]);
+    assert_eq!(authority, fqdn);
 }
 
 #[test]
-fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secrets() {
+fn envoy_gateway_policy_is_wired_to_the_route_the_clusters_and_the_secrets() {
     let d = docs("envoy/gateway");
     let eep = &only(&d, "EnvoyExtensionPolicy").value;
     // dialtone alone in the list: Envoy Gateway's VM id for an entry is
@@ -307,22 +484,15 @@ fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secrets() {
     let gw = find(&d, "Gateway", s(&route.value, "/spec/parentRefs/0/name"));
     find(&d, "Service", s(&route.value, "/spec/rules/0/backendRefs/0/name"));
 
-    // The cluster the config names is the one the EnvoyPatchPolicy adds, on the same Gateway.
+    // The clusters the config names are the ones the EnvoyPatchPolicy adds,
+    // on the same Gateway: the credits service's and the facilitator's.
     let epp = &only(&d, "EnvoyPatchPolicy").value;
     assert_eq!(s(epp, "/spec/targetRef/name"), gw.name());
-    let patch = &epp["spec"]["jsonPatches"][0];
-    assert_eq!(s(patch, "/type"), "type.googleapis.com/envoy.config.cluster.v3.Cluster");
-    assert_eq!(s(patch, "/operation/op"), "add");
-    assert_eq!(s(patch, "/operation/path"), "");
-    let cluster = &patch["operation"]["value"];
-    assert_eq!(s(w, "/config/credits_service/cluster"), s(cluster, "/name"));
-    assert_eq!(s(patch, "/name"), s(cluster, "/name"));
-    let svc = find(&d, "Service", "credits");
-    let fqdn = format!("{}.{}.svc.cluster.local", svc.name(), svc.namespace());
-    let addr = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
-    assert_eq!(s(addr, "/address"), fqdn);
-    assert_eq!(addr["port_value"], svc.value["spec"]["ports"][0]["port"]);
-    assert_eq!(s(w, "/config/credits_service/authority"), fqdn);
+    assert_eq!(epp["spec"]["jsonPatches"].as_array().unwrap().len(), 2, "the two callout clusters, nothing else");
+    let credits = patched_cluster(epp, s(w, "/config/credits_service/cluster"));
+    assert_cluster_reaches(credits, find(&d, "Service", "credits"), s(w, "/config/credits_service/authority"));
+    let facilitator = patched_cluster(epp, s(w, "/config/x402_facilitator/cluster"));
+    assert_cluster_reaches(facilitator, find(&d, "Service", "facilitator"), s(w, "/config/x402_facilitator/authority"));
 
     // The secrets: Gateway -> EnvoyProxy -> env from Secrets in the Envoy pods' namespace.
     let pref = &gw.value["spec"]["infrastructure"]["parametersRef"];
@@ -331,6 +501,17 @@ fn envoy_gateway_policy_is_wired_to_the_route_the_cluster_and_the_secrets() {
     let env = &ep.value["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"];
     assert_eq!(env, &secret_env_entries());
     assert_secrets_in(&d, "envoy-gateway-system");
+
+    // The key/credits service holds the key the Envoy pods send: from the
+    // copy of the same Secret in its own namespace (a secretKeyRef cannot
+    // cross namespaces), with the same shape.
+    let deploy = only(&d, "Deployment");
+    assert_eq!(credits_container(deploy)["env"], service_key_entries());
+    let proxy_copy = find_in(&d, "Secret", "envoy-gateway-system", "dialtone-service-key");
+    let service_copy = find_in(&d, "Secret", deploy.namespace(), "dialtone-service-key");
+    assert_ne!(proxy_copy.namespace(), service_copy.namespace());
+    assert_eq!(service_copy.value["type"], "Opaque");
+    assert_eq!(service_copy.value["stringData"], proxy_copy.value["stringData"]);
 }
 
 // --- (c) negative: the checks do reject mistakes -----------------------------

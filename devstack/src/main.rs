@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack};
+use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack, X402Options};
 
 const USAGE: &str = "usage:
   dialtone-devstack run                 start Envoy + filter + key/credits service + demo API (foreground)
@@ -14,7 +14,9 @@ const USAGE: &str = "usage:
                                         print a Privy-shaped access token signed by the dev key
 
 environment: DIALTONE_PORT (10000), DIALTONE_ADMIN_PORT (9901), DIALTONE_CREDITS_PORT (8081),
-             DIALTONE_UPSTREAM_PORT (8082), DIALTONE_CONCURRENCY (2)
+             DIALTONE_UPSTREAM_PORT (8082), DIALTONE_FACILITATOR_PORT (4022), DIALTONE_ANVIL_PORT (8545),
+             DIALTONE_CONCURRENCY (2)
+             DIALTONE_X402=0: no local x402 stack (anvil + TestUSDC + facilitator; needs node and npm)
              DIALTONE_ROOT: the dialtone checkout (default: the one holding the current directory);
              ENVOY_BIN, DIALTONE_WASM, DIALTONE_CREDITS_BIN (default: .venv/bin/envoy,
              target/wasm32-wasip1/wasm-release/dialtone.wasm, target/release/dialtone-credits in it)";
@@ -72,12 +74,17 @@ fn run() -> Result<(), String> {
     let _ = std::fs::remove_file(dir.join("credits.log"));
     let admin_key = format!("dial_admin_{}", devstack::random_hex(24)?);
     let concurrency = std::env::var("DIALTONE_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let x402 = match std::env::var("DIALTONE_X402").as_deref() {
+        Ok("0") => None,
+        _ => Some(X402Options { anvil_port: env_u16("DIALTONE_ANVIL_PORT", 8545)? }),
+    };
     let opts = Options {
         ports: Ports {
             listen: env_u16("DIALTONE_PORT", 10000)?,
             admin: env_u16("DIALTONE_ADMIN_PORT", 9901)?,
             credits: env_u16("DIALTONE_CREDITS_PORT", 8081)?,
             upstream: env_u16("DIALTONE_UPSTREAM_PORT", 8082)?,
+            facilitator: env_u16("DIALTONE_FACILITATOR_PORT", 4022)?,
         },
         run_dir: dir.clone(),
         plugin_config: plugin_config.clone(),
@@ -85,6 +92,8 @@ fn run() -> Result<(), String> {
         concurrency,
         database: None,
         extra_credits: Vec::new(),
+        credits_http1: false,
+        x402,
     };
     // Stop on Ctrl-C / SIGTERM; the Stack's Drop stops every child.
     let (tx, rx) = mpsc::channel();
@@ -113,6 +122,13 @@ fn run() -> Result<(), String> {
     ] {
         let _ = writeln!(env, "export {k}='{v}'");
     }
+    if let Some(x) = stack.x402() {
+        let _ = writeln!(env, "# the local x402 stack (anvil's public dev keys: never use them elsewhere)");
+        for (k, v) in &x.vars {
+            let _ = writeln!(env, "export {k}='{v}'");
+        }
+        let _ = writeln!(env, "export X402_STACK='{}'", x.dir.display());
+    }
     let env_path = dir.join("demo.env");
     std::fs::write(&env_path, env).map_err(|e| format!("{}: {e}", env_path.display()))?;
 
@@ -137,7 +153,7 @@ Try (in another shell):
   curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -d '{{}}'
   # operator: mint, list, revoke keys; top up
   {bin} --db {db} key list {user}
-
+{x402}
 Ctrl-C stops everything."#,
         admin = stack.admin_url(),
         credits = stack.credits_url(),
@@ -146,6 +162,7 @@ Ctrl-C stops everything."#,
         env = env_path.display(),
         bin = paths.credits_bin.display(),
         user = devstack::DEMO_USER,
+        x402 = x402_help(&stack, &paths),
     );
 
     let mut stack = stack;
@@ -154,10 +171,43 @@ Ctrl-C stops everything."#,
             println!("\nstopping…");
             break;
         }
-        if let Some(dead) = stack.exited() {
+        if let Some(dead) = stack.exited().or_else(|| stack.x402_exited()) {
             return Err(format!("{dead} stopped unexpectedly:\n{}", stack.log_tail(dead)));
         }
     }
     drop(stack);
     Ok(())
+}
+
+/// The x402 part of what `run` prints: where the chain and the facilitator
+/// are, and how to pay with the reference client.
+fn x402_help(stack: &Stack, paths: &Paths) -> String {
+    let Some(x) = stack.x402() else {
+        return "\n(x402: no local stack (DIALTONE_X402=0): x402 payments get 503 payment_unavailable)\n".to_owned();
+    };
+    let pay = paths.root.join("x402/pay.mjs");
+    let balance = paths.root.join("x402/balance.mjs");
+    format!(
+        r#"
+x402 (USDC on a local chain): anvil {rpc} ({network}), TestUSDC {asset}, facilitator {facilitator}
+  payer $X402_PAYER_ADDRESS (1,000 USDC), payTo $X402_PAYTO_ADDRESS; logs: {dir}/anvil.log, {dir}/facilitator.log
+  # pay for one SMS with x402 (no Bearer): the 402 carries the requirements, the reference client signs them
+  PAYMENT=$(curl -sS -X POST "$DIALTONE_URL/api/v1/sms/send" -d '{{}}' | node {pay})
+  curl -sS -i -X POST "$DIALTONE_URL/api/v1/sms/send" -H "PAYMENT-SIGNATURE: $PAYMENT" \
+       -H 'content-type: application/json' -d '{{"to":"+18148835337","message":"Hello via x402"}}'
+  # → 200 with a PAYMENT-RESPONSE header (base64 JSON: the settlement's transaction); the same PAYMENT again → 402
+  node {balance} $X402_PAYER_ADDRESS $X402_PAYTO_ADDRESS
+  # top up 100 credits with 1 USDC: the Bearer says whose account, the payment pays
+  PAYMENT=$(curl -sS -X POST "$DIALTONE_URL/api/v1/credits/top-up" -H "Authorization: Bearer $DEMO_API_KEY" -d '{{}}' | node {pay})
+  curl -sS -X POST "$DIALTONE_URL/api/v1/credits/top-up" -H "Authorization: Bearer $DEMO_API_KEY" \
+       -H "PAYMENT-SIGNATURE: $PAYMENT" -d '{{}}'
+"#,
+        rpc = x.rpc_url,
+        network = x.network,
+        asset = x.asset,
+        facilitator = x.facilitator_url,
+        dir = x.dir.display(),
+        pay = pay.display(),
+        balance = balance.display(),
+    )
 }

@@ -31,7 +31,8 @@ use dialtone::credits_api::{self, CallOutcome};
 use dialtone::cache::Caches;
 use dialtone::decision::{self, AfterSettlement, Decision, Grant, Pending, Request, PRIVY_COOKIE};
 use dialtone::identity::AuthMethod;
-use dialtone::policy::{Charge, Config, Route, Unmatched};
+use base64::Engine;
+use dialtone::policy::{Charge, Config, CredentialKind, Route, Settle, Unmatched};
 use dialtone_fuzz::{
     answer_field, answer_json, check_denial, decision_configs, header_value_ok, hex, mint, sha256, Key, ADMIN_KEY, APP_ID,
     ISSUER, NOW,
@@ -54,7 +55,8 @@ struct Input {
     authorization: Authorization,
     cookie: Option<CookieSpec>,
     request_id: String,
-    x402_payment: bool,
+    /// `PAYMENT-SIGNATURE` / `X-PAYMENT`.
+    payment: Option<PaymentChoice>,
     /// The VM holds keys fetched from the issuer (the `Fetched` signer's).
     fetched: bool,
     clock: Clock,
@@ -69,6 +71,20 @@ struct Input {
     /// The fingerprint the JWKS cache computed for the fetched keys (any
     /// value: it only binds cache entries; `None`: computed by `decide`).
     fetched_fingerprint: Option<u8>,
+}
+
+#[derive(Arbitrary, Debug)]
+enum PaymentChoice {
+    /// A PaymentPayload whose `accepted` is the route's first requirement.
+    Matching,
+    /// The same, with `accepted` edited.
+    Edited { field: u8, value: String },
+    /// Any bytes.
+    Raw(Vec<u8>),
+    /// Only the v1 header.
+    V1,
+    /// Twice.
+    Twice,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -529,6 +545,8 @@ fn outcome(a: Option<&Answer>, pending: Option<&Pending>) -> CallOutcome {
         }
         Some(Pending::RateLimit { identity, .. }) => (identity.account.clone().unwrap_or_default(), 0, String::new()),
         Some(Pending::Lookup { prefix, .. }) => (String::new(), 0, prefix.clone()),
+        Some(Pending::X402Verify { .. } | Pending::X402Settle { .. }) => (String::new(), 0, String::new()),
+        Some(Pending::X402Claim { claim, .. }) => (String::new(), 0, claim.clone()),
         None => (String::new(), 0, String::new()),
     };
     let pick_amount = |a: &Amount| match a {
@@ -549,6 +567,11 @@ fn outcome(a: Option<&Answer>, pending: Option<&Pending>) -> CallOutcome {
             Some(Pending::Debit { .. }) => json(200, json!({"account": account, "charged": amount, "balance": 10,
                 "replayed": false})),
             Some(Pending::RateLimit { .. }) => json(200, json!({"allowed": true, "remaining": 5})),
+            Some(Pending::X402Verify { .. }) => json(200, json!({"isValid": true, "payer": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"})),
+            Some(Pending::X402Claim { claim, .. }) => json(201, json!({"claim": claim, "claimed": true})),
+            Some(Pending::X402Settle { payment, .. }) => json(200, json!({"success": true,
+                "transaction": "0x5240caeb76e008a016ccfacb8faab06934f2937e25313e2923fb1ce9fd1d6009",
+                "network": payment.requirement.network})),
             None => json(200, json!({"hold_id": "SETTLE_ME", "state": "captured"})),
         },
         Answer::Failed => CallOutcome::Failed,
@@ -678,6 +701,26 @@ fn run(input: Input) {
         CookieSpec::Pairs { before, value, after } => format!("{before}; {PRIVY_COOKIE}={value}; {after}").into_bytes(),
     });
     let fingerprint = input.fetched_fingerprint.map(|b| [b; 32]);
+    let payment_header: Option<Vec<u8>> = input.payment.as_ref().and_then(|p| {
+        let accepted = cfg.route_for(&method, &path).and_then(|r| r.x402.as_ref()).and_then(|o| o.accepts.first());
+        let mut accepted = accepted.map(|a| serde_json::to_value(a).unwrap_or(Value::Null)).unwrap_or(json!({}));
+        match p {
+            PaymentChoice::Matching | PaymentChoice::Twice => {}
+            PaymentChoice::Edited { field, value } => {
+                let names = ["scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds", "extra", "bonus"];
+                accepted[names[usize::from(*field) % names.len()]] = json!(value);
+            }
+            PaymentChoice::Raw(b) => return Some(b.clone()),
+            PaymentChoice::V1 => return None,
+        }
+        let payload = json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x01"}});
+        Some(base64::engine::general_purpose::STANDARD.encode(payload.to_string()).into_bytes())
+    });
+    let payment_values: Vec<&[u8]> = match (&input.payment, &payment_header) {
+        (Some(PaymentChoice::Twice), Some(h)) => vec![h, h],
+        (_, Some(h)) => vec![h],
+        _ => vec![],
+    };
     let req = Request {
         method: &method,
         path: &path,
@@ -686,7 +729,8 @@ fn run(input: Input) {
         authorization: auth.iter().map(Vec::as_slice).collect(),
         cookies: cookie.iter().map(Vec::as_slice).collect(),
         request_id: &input.request_id,
-        has_x402_payment: input.x402_payment,
+        payment_signature: payment_values.clone(),
+        x_payment: matches!(input.payment, Some(PaymentChoice::V1)),
         fetched_keys: if input.fetched { dialtone_fuzz::fetched_keys() } else { &[] },
         fetched_fingerprint: fingerprint.as_ref(),
         // With a refetch possible an unknown kid is refused (the glue then
@@ -732,7 +776,7 @@ fn run_pass<'a>(
     loop {
         match d {
             Decision::Call(c, pending) => {
-                assert!(history.len() < 2, "a third callout for one request: {history:?}");
+                assert!(history.len() < 3, "a fourth callout for one request (lookup, verify, settle at most): {history:?}");
                 check_call(cfg, req, route, bearer, &c, &pending);
                 let out = call(answers, Some(&pending));
                 history.push((pending.clone(), out.clone()));
@@ -806,7 +850,7 @@ fn check_call(
             Pending::Hold { identity, .. } | Pending::Debit { identity, .. } | Pending::RateLimit { identity, .. } => {
                 identity.account.as_deref()
             }
-            Pending::Lookup { .. } => None,
+            Pending::Lookup { .. } | Pending::X402Verify { .. } | Pending::X402Settle { .. } | Pending::X402Claim { .. } => None,
         };
         let echoed = req.request_id.contains(b) || account.is_some_and(|a| a.contains(b));
         assert!(echoed || !text.contains(b), "the credential is in a callout body: {text}");
@@ -843,6 +887,29 @@ fn check_call(
             assert!(!(route.credits && route.cost > 0), "a paid route only asks for the rate limit");
             assert_eq!(body["account"].as_str(), identity.account.as_deref());
         }
+        Pending::X402Claim { .. } => {}
+        Pending::X402Verify { payment, .. } | Pending::X402Settle { payment, .. } => {
+            let f = cfg.facilitator.as_ref().unwrap_or_else(|| panic!("a facilitator call without a facilitator"));
+            assert_eq!(c.to, decision::CallTarget::Facilitator);
+            let want = if matches!(pending, Pending::X402Verify { .. }) { &f.verify_path } else { &f.settle_path };
+            assert_eq!(&c.path, want);
+            let offer = route.x402.as_ref().unwrap_or_else(|| panic!("a payment on {route:?}"));
+            // The route's own requirement, never the client's copy.
+            assert!(offer.accepts.contains(&payment.requirement));
+            assert_eq!(body["paymentRequirements"], serde_json::to_value(&payment.requirement).unwrap_or(Value::Null));
+            assert_eq!(body["x402Version"], 2);
+            assert!(!req.payment_signature.is_empty(), "a payment without PAYMENT-SIGNATURE");
+        }
+    }
+    if let Pending::X402Claim { claim, payment, .. } = pending {
+        assert_eq!(c.path, s.x402_claims_path);
+        assert_eq!(body["claim"].as_str(), Some(claim.as_str()));
+        assert_eq!(*claim, dialtone::x402::claim_id(payment));
+        assert_eq!(body["owner"].as_str(), Some(idem.as_str()));
+        assert!(route.x402.as_ref().is_some_and(|o| o.settle == Settle::AfterResponse), "a claim on {route:?}");
+    }
+    if !matches!(pending, Pending::X402Verify { .. } | Pending::X402Settle { .. }) {
+        assert_eq!(c.to, decision::CallTarget::Credits);
     }
 }
 
@@ -875,17 +942,35 @@ fn check_allow(
         return;
     }
     let is_admin = bearer.is_some_and(|b| matches!(bearer::classify(b, &cfg.admin_digests), Ok(Credential::Admin)));
+    // A route that names its credential kinds passed only one of them (or the admin key).
+    if let Some(kinds) = &route.credentials {
+        let kind = match bearer.map(|b| bearer::classify(b, &cfg.admin_digests)) {
+            Some(Ok(Credential::PrivyAccessToken(_))) => Some(CredentialKind::Privy),
+            Some(Ok(Credential::Key(k))) if k.kind == bearer::KeyKind::ApiKey => Some(CredentialKind::ApiKey),
+            Some(Ok(Credential::Key(_))) => Some(CredentialKind::ApiToken),
+            _ => None,
+        };
+        let cookie_session = bearer.is_none() && id.method == AuthMethod::Privy;
+        assert!(
+            is_admin || cookie_session && kinds.contains(&CredentialKind::Privy) || kind.is_some_and(|k| kinds.contains(&k)),
+            "{:?} passed a route that takes {kinds:?}: {g:?}",
+            id.method
+        );
+    }
     match id.method {
         AuthMethod::Admin => {
             assert!(is_admin, "admin identity without the admin key: {g:?}");
             assert!(history.is_empty() && g.hold.is_none() && id.charged == 0 && id.account.is_none(), "{g:?}");
             return;
         }
-        AuthMethod::Anonymous => {
-            // Only an x402 payment, on an x402 route, without any credential.
-            assert!(route.x402.is_some() && req.has_x402_payment, "anonymous pass on {route:?}");
-            assert!(req.authorization.is_empty(), "a Bearer request passed anonymously");
-            assert!(history.is_empty() && g.hold.is_none() && id.charged == 0, "{g:?}");
+        AuthMethod::Anonymous => panic!("an anonymous pass on a non-public route: {g:?}"),
+        AuthMethod::X402 => {
+            // Only an x402 payment the facilitator verified, on an x402
+            // route, without any credential, for the route's own requirement.
+            assert!(route.x402.is_some() && !req.payment_signature.is_empty(), "x402 pass on {route:?}");
+            assert!(req.authorization.is_empty(), "a Bearer request passed as x402");
+            assert!(g.hold.is_none() && id.charged == 0 && id.account.is_none(), "{g:?}");
+            check_x402_evidence(route, g, history);
             return;
         }
         AuthMethod::Privy => {
@@ -921,6 +1006,14 @@ fn check_allow(
         }
     }
 
+    if route.x402.is_some() && !route.credits {
+        // An x402-only route (a top-up): the Bearer named the account, the
+        // payment paid.
+        check_x402_evidence(route, g, history);
+        assert!(g.hold.is_none() && id.charged == 0, "{g:?}");
+        return;
+    }
+    assert!(id.payment.is_none() && g.x402_settle.is_none() && g.receipt.is_none(), "an x402 payment on a credits pass: {g:?}");
     if !is_paid(route) {
         assert!(g.hold.is_none() && id.charged == 0, "a free route charged: {g:?}");
         if cfg.rate_limit.is_some() && id.account.is_some() {
@@ -962,6 +1055,45 @@ fn check_allow(
             assert!(g.hold.is_none());
         }
         other => panic!("paid route allowed after {other:?}"),
+    }
+}
+
+/// A pass paid with x402: the facilitator verified exactly this route's
+/// requirement (and settled it, for `settle: before_upstream`).
+fn check_x402_evidence(route: &Route, g: &Grant, history: &[(Pending, CallOutcome)]) {
+    let offer = route.x402.as_ref().unwrap_or_else(|| panic!("x402 evidence on a route without x402"));
+    let paid = g.identity.payment.as_ref().unwrap_or_else(|| panic!("x402 pass without a payment: {g:?}"));
+    let verified = history.iter().find_map(|(p, out)| match (p, out) {
+        (Pending::X402Verify { payment, .. }, CallOutcome::Answered { status: 200, body, truncated: false }) => Some((payment, body)),
+        _ => None,
+    });
+    let Some((payment, body)) = verified else { panic!("x402 pass without a verify answer: {history:?}") };
+    assert!(offer.accepts.contains(&payment.requirement), "verified against another requirement: {payment:?}");
+    let v = answer_json(body).unwrap_or(Value::Null);
+    assert_eq!(answer_field(&v, "isValid"), Some(&Value::Bool(true)), "passed on {v}");
+    assert_eq!(answer_field(&v, "payer").and_then(Value::as_str), Some(paid.payer.as_str()));
+    assert_eq!((paid.amount.as_str(), paid.network.as_str()), (payment.requirement.amount.as_str(), payment.requirement.network.as_str()));
+    match offer.settle {
+        Settle::AfterResponse => {
+            assert!(g.x402_settle.is_some() && g.receipt.is_none() && paid.transaction.is_none(), "{g:?}");
+            // Claimed for this request alone, right before the pass.
+            let Some((Pending::X402Claim { claim, .. }, CallOutcome::Answered { status: 200 | 201, body, truncated: false })) = history.last()
+            else {
+                panic!("an x402 pass without a claim: {history:?}");
+            };
+            let v = answer_json(body).unwrap_or(Value::Null);
+            assert_eq!(answer_field(&v, "claimed"), Some(&Value::Bool(true)), "passed on {v}");
+            assert_eq!(g.x402_claim.as_deref(), Some(claim.as_str()));
+        }
+        Settle::BeforeUpstream => {
+            let Some((Pending::X402Settle { .. }, CallOutcome::Answered { status: 200, body, truncated: false })) = history.last() else {
+                panic!("settled-first pass without a settle answer: {history:?}");
+            };
+            let v = answer_json(body).unwrap_or(Value::Null);
+            assert_eq!(answer_field(&v, "success"), Some(&Value::Bool(true)), "passed on {v}");
+            assert_eq!(answer_field(&v, "transaction").and_then(Value::as_str), paid.transaction.as_deref());
+            assert!(g.receipt.is_some() && g.x402_settle.is_none(), "{g:?}");
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use dialtone::decision::{self, Decision, Request};
 use dialtone::identity::AuthMethod;
 use dialtone::policy::path::{PathMatcher, Segment};
 use dialtone::policy::{
-    Charge, Config, JwksFetch, RateLimit, Route, Unmatched, X402Accept, X402Offer, DEFAULT_JWKS_MAX_STALE_SECS,
+    Charge, Config, CredentialKind, JwksFetch, RateLimit, Route, Settle, Unmatched, X402Accept, X402Offer,
+    DEFAULT_JWKS_MAX_STALE_SECS,
 };
 use dialtone::privy_jwt::{DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT};
 use dialtone_fuzz::{check_denial, jwks, pem_public_key, sha256, Choices, VISIBLE};
@@ -152,7 +153,8 @@ fn check_route(cfg: &Config, i: usize, r: &Route, env: Option<&str>) {
             authorization: auth.map(|a| vec![a.as_bytes()]).unwrap_or_default(),
             cookies: Vec::new(),
             request_id: "req-1",
-            has_x402_payment: false,
+            payment_signature: vec![],
+            x_payment: false,
             fetched_keys: &[],
             fetched_fingerprint: None,
             refetch_unknown_kid: false,
@@ -319,7 +321,7 @@ fn route(c: &mut Choices, i: usize) -> (String, Route) {
         }
     };
     let scope_text = |c: &mut Choices| c.text(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.-", 1, 128);
-    let mut want = Route { name, methods, path, scope: None, cost: 0, public: false, credits: false, x402: None, charge };
+    let mut want = Route { name, methods, path, scope: None, cost: 0, public: false, credits: false, x402: None, charge, credentials: None };
     match c.below(3) {
         // Public: no credential, nothing charged.
         0 => {
@@ -369,6 +371,21 @@ fn route(c: &mut Choices, i: usize) -> (String, Route) {
             want.x402 = Some(x402_offer(c, &mut m));
         }
     }
+    // Which credential kinds the route takes (non-public routes).
+    if !want.public && c.bool() {
+        let all = [CredentialKind::Privy, CredentialKind::ApiKey, CredentialKind::ApiToken];
+        let names = ["privy", "api_key", "api_token"];
+        let mut kinds = Vec::new();
+        let mut texts = Vec::new();
+        for (k, n) in all.iter().zip(names) {
+            if c.bool() || (kinds.is_empty() && n == "api_token") {
+                kinds.push(*k);
+                texts.push(format!("\"{n}\""));
+            }
+        }
+        m.push(("credentials", format!("[{}]", texts.join(","))));
+        want.credentials = Some(kinds);
+    }
     (c.json_object(m), want)
 }
 
@@ -396,8 +413,19 @@ fn x402_offer(c: &mut Choices, m: &mut Vec<(&'static str, String)>) -> X402Offer
         accepts.push(a);
     }
     x.push(("accepts", format!("[{}]", texts.join(","))));
+    let settle = match c.below(3) {
+        0 => Settle::AfterResponse,
+        1 => {
+            x.push(("settle", "\"after_response\"".into()));
+            Settle::AfterResponse
+        }
+        _ => {
+            x.push(("settle", "\"before_upstream\"".into()));
+            Settle::BeforeUpstream
+        }
+    };
     m.push(("x402", c.json_object(x)));
-    X402Offer { description, mime_type, accepts }
+    X402Offer { description, mime_type, accepts, settle }
 }
 
 /// Builds a valid configuration from `c` and checks that it loads as built.
@@ -540,6 +568,26 @@ fn valid_config_is_accepted(c: &mut Choices) {
         routes.push(r);
     }
     top.push(("routes", format!("[{}]", texts.join(","))));
+    // A route that takes x402 needs a facilitator (and any config may name one).
+    let facilitator = (routes.iter().any(|r| r.x402.is_some()) || c.bool()).then(|| {
+        let mut f: Vec<(&'static str, String)> = Vec::new();
+        let cluster = c.text(VISIBLE, 1, 40);
+        f.push(("cluster", c.json_string(&cluster)));
+        let authority = if c.bool() {
+            let a = c.text(VISIBLE, 1, 40);
+            f.push(("authority", c.json_string(&a)));
+            a
+        } else {
+            cluster.clone()
+        };
+        let verify_path = service_path(c, &mut f, "verify_path", "/verify");
+        let settle_path = service_path(c, &mut f, "settle_path", "/settle");
+        let timeout_ms = number(c, &mut f, "timeout_ms", 10_000, 1, 60_000);
+        let max_response_bytes = number(c, &mut f, "max_response_bytes", 64 * 1024, 1024, 1024 * 1024) as usize;
+        let max_payment_bytes = number(c, &mut f, "max_payment_bytes", 8 * 1024, 512, 64 * 1024) as usize;
+        top.push(("x402_facilitator", c.json_object(f)));
+        (cluster, authority, verify_path, settle_path, timeout_ms, max_response_bytes, max_payment_bytes)
+    });
     let json = c.json_object(top);
 
     let cfg = Config::from_json(json.as_bytes(), env.as_deref())
@@ -569,11 +617,16 @@ fn valid_config_is_accepted(c: &mut Choices) {
     }
     assert_eq!((cfg.unmatched, cfg.forward_authorization, cfg.max_token_bytes), (unmatched, forward_authorization, max_token_bytes), "{json}");
     assert_eq!(cfg.rate_limit, rate_limit, "{json}");
+    let got_facilitator = cfg.facilitator.as_ref().map(|f| {
+        (f.cluster.clone(), f.authority.clone(), f.verify_path.clone(), f.settle_path.clone(), f.timeout_ms, f.max_response_bytes, f.max_payment_bytes)
+    });
+    assert_eq!(got_facilitator, facilitator, "{json}");
     assert_eq!(cfg.routes.len(), routes.len(), "{json}");
     for (got, want) in cfg.routes.iter().zip(&routes) {
         assert_eq!((&got.name, &got.methods, &got.path, &got.scope), (&want.name, &want.methods, &want.path, &want.scope), "{json}");
         assert_eq!((got.cost, got.public, got.credits, got.charge), (want.cost, want.public, want.credits, want.charge), "{json}");
         assert_eq!(got.x402, want.x402, "{json}");
+        assert_eq!(got.credentials, want.credentials, "{json}");
     }
     check_config(&cfg, env.as_deref());
 }

@@ -152,6 +152,13 @@ fn x402(amount: &str) -> Value {
          "extra": {"name": "USDC", "version": "2"}}]})
 }
 
+/// The same, settled before the upstream (a top-up).
+fn x402_settled_first(amount: &str) -> Value {
+    let mut v = x402(amount);
+    v["settle"] = json!("before_upstream");
+    v
+}
+
 /// The routes of the fuzzing policies: every kind of route the filter knows.
 pub fn routes() -> Value {
     json!([
@@ -162,7 +169,7 @@ pub fn routes() -> Value {
         {"name": "account", "methods": ["GET"], "path": {"exact": "/api/v1/account"}, "cost": 0},
         {"name": "key_get", "methods": ["GET", "DELETE"], "path": {"template": "/api/v1/keys/{id}"}, "scope": "keys:read"},
         {"name": "credits_top_up", "methods": ["POST"], "path": {"exact": "/api/v1/credits/top-up"},
-         "payment": ["x402"], "x402": x402("1000000")},
+         "credentials": ["privy", "api_key", "api_token"], "payment": ["x402"], "x402": x402_settled_first("1000000")},
         {"name": "files", "path": {"prefix": "/files/"}, "scope": "files:read", "cost": 2},
         {"name": "healthz", "methods": ["GET"], "path": {"exact": "/healthz"}, "public": true}
     ])
@@ -177,6 +184,7 @@ pub fn policy_a() -> Value {
                   "leeway_seconds": LEEWAY, "accept_cookie": true},
         "unmatched": "deny",
         "rate_limit": {"requests": 60, "window_seconds": 60, "burst": 10},
+        "x402_facilitator": {"cluster": "x402_facilitator"},
         "routes": routes()
     })
 }
@@ -193,6 +201,8 @@ pub fn policy_b() -> Value {
         "unmatched": "allow",
         "forward_authorization": true,
         "max_token_bytes": 2048,
+        "x402_facilitator": {"cluster": "facilitator", "verify_path": "/f/verify", "settle_path": "/f/settle",
+                             "max_response_bytes": 2048, "max_payment_bytes": 1024},
         "routes": routes()
     })
 }
@@ -252,6 +262,16 @@ pub fn check_denial(d: &Denial) {
             let req: Value = serde_json::from_slice(&decoded).unwrap_or_else(|e| panic!("PAYMENT-REQUIRED is not JSON: {e}"));
             assert_eq!(req["x402Version"], 2);
             assert_eq!(req["accepts"], body["accepts"]);
+        }
+        Denial::PaymentFailed { reason, receipt } => {
+            assert_eq!(r.status, 402);
+            assert_eq!(header("payment-response"), Some(receipt.as_str()));
+            assert_eq!(header("cache-control"), Some("no-store"));
+            assert_eq!(body["reason"].as_str(), Some(reason.as_str()));
+        }
+        Denial::PaymentUnavailable(e) => {
+            assert_eq!(r.status, 503);
+            assert!(!e.reason().is_empty());
         }
         Denial::RouteNotAllowed => assert_eq!(r.status, 403),
         Denial::CreditsUnavailable(e) => {

@@ -136,6 +136,10 @@ pub struct Expect {
     pub headers: Map<String, Value>,
     #[serde(default)]
     pub upstream_headers: Map<String, Value>,
+    /// Headers of the upstream's response as the client gets it (after the
+    /// filter added its own, e.g. `payment-response`); needs `upstream_response`.
+    #[serde(default)]
+    pub response_headers: Map<String, Value>,
     #[serde(default)]
     pub callouts: Option<usize>,
 }
@@ -393,6 +397,7 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
                 diffs.push(format!("status: expected {} (a local reply), but the request was passed upstream", e.status));
             }
             header_checks(&e.upstream_headers, &upstream, "upstream header", &mut diffs);
+            header_checks(&e.response_headers, &stream.response_headers(), "response header", &mut diffs);
             if e.body.is_some() || e.body_exact.is_some() || !e.headers.is_empty() {
                 diffs.push("body/headers expected, but the request was passed upstream (no local reply)".into());
             }

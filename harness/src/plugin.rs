@@ -472,6 +472,12 @@ impl HttpStream<'_> {
         self.stream().and_then(|s| s.local_reply.clone())
     }
 
+    /// The upstream's response headers as they stand after the filter (what
+    /// the client gets unless the filter replied locally instead).
+    pub fn response_headers(&self) -> HeaderMap {
+        self.stream().map(|s| s.response_headers.clone()).unwrap_or_default()
+    }
+
     /// The request headers as they stand (what the upstream gets if passed).
     pub fn request_headers(&self) -> HeaderMap {
         self.stream().map(|s| s.request_headers.clone()).unwrap_or_default()

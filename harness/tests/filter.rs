@@ -399,15 +399,28 @@ fn client_identity_headers_are_stripped_everywhere() {
     // Only the filter's own route header remains.
     let ours: Vec<_> = h.iter().filter(|(k, _)| k.starts_with("x-dialtone-")).collect();
     assert_eq!(ours, vec![&("x-dialtone-route".to_string(), b"healthz".to_vec())], "{h:?}");
-    // x402 payment pass-through: stripped, payment header untouched.
+    // An x402 payment (verified, claimed): stripped, then the filter's own
+    // x402 headers; the payment header itself untouched.
     let mut s = p.http().unwrap();
+    let accepted = demo_config()["routes"][0]["x402"]["accepts"][0].clone();
+    let payment = STANDARD.encode(json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x1"}}).to_string());
     let mut headers = spoof.to_vec();
-    headers.push(("payment-signature", "eyJzaWduZWQiOnRydWV9"));
+    headers.push(("payment-signature", &payment));
     s.request(&request("POST", SMS, &headers)).unwrap();
+    s.answer_next(CallAnswer::json(200, &json!({"isValid": true, "payer": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"}))).unwrap();
+    let claim = s.pending_callouts()[0].body_json()["claim"].clone();
+    s.answer_next(CallAnswer::json(201, &json!({"claim": claim, "claimed": true}))).unwrap();
     let Outcome::Passed(h) = s.outcome() else { panic!("{:?}", s.outcome()) };
-    let ours: Vec<_> = h.iter().filter(|(k, _)| k.starts_with("x-dialtone-")).collect();
-    assert_eq!(ours, vec![&("x-dialtone-route".to_string(), b"sms_send".to_vec())], "{h:?}");
-    assert_eq!(s.upstream_header("payment-signature").as_deref(), Some("eyJzaWduZWQiOnRydWV9"));
+    let mut ours: Vec<&str> = h.iter().filter(|(k, _)| k.starts_with("x-dialtone-")).map(|(k, _)| k.as_str()).collect();
+    ours.sort_unstable();
+    assert_eq!(
+        ours,
+        ["x-dialtone-auth-method", "x-dialtone-route", "x-dialtone-x402-amount", "x-dialtone-x402-asset", "x-dialtone-x402-network", "x-dialtone-x402-payer"],
+        "{h:?}"
+    );
+    assert_eq!(s.upstream_header("x-dialtone-account"), None, "the spoofed account is gone");
+    assert_eq!(s.upstream_header("x-dialtone-auth-method").as_deref(), Some("x402"));
+    assert_eq!(s.upstream_header("payment-signature").as_deref(), Some(payment.as_str()));
     // Privy session: replaced with the real identity.
     let mut s = p.http().unwrap();
     let auth = format!("Bearer {}", privy_token());
@@ -428,15 +441,17 @@ fn x402_fall_through_and_requirements() {
     let body = refused(&s, 402, "payment_required");
     assert_eq!(body["x402Version"], 2);
     assert_eq!(body["resource"]["url"], "https://api.example.com/api/v1/sms/send");
-    assert_eq!(body["accepts"][0]["payTo"], "0x000000000000000000000000000000000000dEaD");
+    assert_eq!(body["accepts"][0]["payTo"], "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
     let header = s.local_reply().unwrap().header("payment-required").unwrap();
     let decoded: Value = serde_json::from_slice(&STANDARD.decode(header).unwrap()).unwrap();
     assert_eq!(decoded["accepts"], body["accepts"]);
     assert!(s.callouts().is_empty());
-    // v1 header works too.
+    // The v1 header is never passed unchecked.
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("x-payment", "v1-payload")])).unwrap();
-    assert!(matches!(s.outcome(), Outcome::Passed(_)));
+    let body = refused(&s, 402, "payment_required");
+    assert_eq!(body["reason"], "x402 v1 (X-PAYMENT) is not accepted: pay with PAYMENT-SIGNATURE (x402 v2)");
+    assert!(s.callouts().is_empty());
     // No x402 on the route: 401 with a bare challenge.
     let mut s = p.http().unwrap();
     s.request(&request("GET", "/api/v1/account", &[])).unwrap();

@@ -24,11 +24,18 @@ const ACCOUNT: &str = "/api/v1/account";
 /// `dispatch_failed`: `dispatch_http_call` fails only for a cluster Envoy
 /// does not know, and this host accepts every cluster name (and a validated
 /// policy always has a non-empty `:authority`/`:path`).
-const THROUGH_ENVOY_ONLY: &[(&str, &str, &str)] = &[(
-    "dialtone.denied.credits_unavailable.dispatch_failed",
-    "../tests/e2e/tests/gate.rs",
-    "a_callout_to_an_unknown_cluster_fails_closed",
-)];
+const THROUGH_ENVOY_ONLY: &[(&str, &str, &str)] = &[
+    (
+        "dialtone.denied.credits_unavailable.dispatch_failed",
+        "../tests/e2e/tests/gate.rs",
+        "a_callout_to_an_unknown_cluster_fails_closed",
+    ),
+    (
+        "dialtone.denied.payment_unavailable.dispatch_failed",
+        "../tests/e2e/tests/gate.rs",
+        "a_callout_to_an_unknown_cluster_fails_closed",
+    ),
+];
 
 struct Case {
     what: &'static str,
@@ -138,6 +145,66 @@ fn pending_jwks_fetch(p: &mut Plugin) -> u32 {
     fetch.token
 }
 
+const PAYER: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+
+/// A PAYMENT-SIGNATURE for the demo policy's SMS requirement (`accepted`
+/// edited by `f`).
+fn payment_with(f: impl FnOnce(&mut Value)) -> String {
+    use base64::Engine;
+    let cfg = demo_config();
+    let mut accepted = cfg["routes"][0]["x402"]["accepts"][0].clone();
+    f(&mut accepted);
+    let payload = json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x1"}});
+    base64::engine::general_purpose::STANDARD.encode(payload.to_string())
+}
+
+fn pay(p: &mut Plugin, header: &str, answers: Vec<CallAnswer>) -> Outcome {
+    send(p, "POST", SMS, &[("payment-signature", header)], answers)
+}
+
+fn verified() -> CallAnswer {
+    CallAnswer::json(200, &json!({"isValid": true, "payer": PAYER}))
+}
+
+/// A verified payment whose upstream answers 200 and whose settlement is `settle`.
+fn paid_response(p: &mut Plugin, settle: CallAnswer) -> Outcome {
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("payment-signature", &payment_with(|_| {}))])).unwrap();
+    s.answer_next(verified()).unwrap();
+    let claim = claimed(&mut s);
+    assert!(matches!(s.outcome(), Outcome::Passed(_)), "{:?}", s.outcome());
+    assert_eq!(claim.len(), 64);
+    s.send_response_headers(&[(":status", "200")]).unwrap();
+    let call = s.answer_next(settle).unwrap();
+    assert_eq!((call.upstream.as_str(), call.path()), ("x402_facilitator", "/settle".to_owned()));
+    match s.local_reply() {
+        Some(r) => Outcome::Replied(r),
+        None => {
+            assert!(s.response_resumed(), "the upstream's response is delivered");
+            assert!(s.response_headers().iter().any(|(n, _)| n == "payment-response"), "with its receipt");
+            Outcome::Passed(s.request_headers())
+        }
+    }
+}
+
+/// Answers the pending x402 claim: this request holds the payment.
+fn claimed(s: &mut dialtone_harness::HttpStream<'_>) -> String {
+    let call = s.pending_callouts().into_iter().next().expect("a claim");
+    assert_eq!(call.path(), "/v1/x402/claims");
+    let claim = call.body_json()["claim"].as_str().unwrap().to_owned();
+    s.answer(call.token, CallAnswer::json(201, &json!({"claim": claim, "claimed": true}))).unwrap();
+    claim
+}
+
+fn payment_refused(o: &Outcome, reason: &str) {
+    assert_eq!(replied(o, 402, "payment_required")["reason"], reason);
+}
+
+fn payment_unavailable(o: &Outcome) {
+    let Outcome::Replied(r) = o else { panic!("expected a 503, got {o:?}") };
+    assert_eq!((r.status, r.body_str()), (503, r#"{"success":false,"error":"payment_unavailable"}"#.to_owned()));
+}
+
 fn hold_response(p: &mut Plugin, upstream_status: &str, settlement: &str) {
     let mut s = p.http().unwrap();
     s.request(&request("POST", SMS, &[("authorization", &key_auth())])).unwrap();
@@ -186,12 +253,175 @@ fn table() -> Vec<Case> {
             expect: &[("dialtone.allowed.anonymous", 1)],
         },
         Case {
-            what: "an x402 payment without a Bearer",
+            what: "an x402 payment without a Bearer, verified, upstream 200, settled",
             config: demo_config,
             env: &[],
             setup: nothing,
-            run: |p| passed(&send(p, "POST", SMS, &[("payment-signature", "eyJwYXlsb2FkIjoidGVzdCJ9")], vec![])),
-            expect: &[("dialtone.allowed.anonymous", 1)],
+            run: |p| passed(&paid_response(p, CallAnswer::json(200, &json!({"success": true, "transaction": "0xabc", "network": "eip155:31337", "payer": PAYER})))),
+            expect: &[("dialtone.allowed.x402", 1), ("dialtone.x402.verified", 1), ("dialtone.x402.settled", 1), ("dialtone.callout.answered", 1)],
+        },
+        Case {
+            what: "an x402 settlement the facilitator refuses",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let o = paid_response(p, CallAnswer::json(200, &json!({"success": false, "errorReason": "insufficient_funds", "network": "eip155:31337"})));
+                assert_eq!(replied(&o, 402, "payment_failed")["reason"], "insufficient_funds");
+            },
+            expect: &[
+                ("dialtone.allowed.x402", 1),
+                ("dialtone.x402.verified", 1),
+                ("dialtone.denied.payment_failed", 1),
+                ("dialtone.x402.settle_failed", 1),
+                ("dialtone.callout.answered", 1),
+            ],
+        },
+        Case {
+            what: "an x402 payment the facilitator calls invalid",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let o = pay(p, &payment_with(|_| {}), vec![CallAnswer::json(200, &json!({"isValid": false, "invalidReason": "nonce_used"}))]);
+                payment_refused(&o, "nonce_used");
+            },
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.facilitator", 1)],
+        },
+        Case {
+            what: "a copy of an x402 payment another request is being served on",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let mut s = p.http().unwrap();
+                s.request(&request("POST", SMS, &[("payment-signature", &payment_with(|_| {}))])).unwrap();
+                s.answer_next(verified()).unwrap();
+                let call = s.pending_callouts().into_iter().next().expect("a claim");
+                let claim = call.body_json()["claim"].as_str().unwrap().to_owned();
+                s.answer(call.token, CallAnswer::json(409, &json!({"claim": claim, "error": "claim_in_use"}))).unwrap();
+                payment_refused(&s.outcome(), "this payment is already paying for another request");
+            },
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.in_use", 1), ("dialtone.callout.answered", 1)],
+        },
+        Case {
+            what: "an x402 payment for another amount",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, &payment_with(|a| a["amount"] = json!("1")), vec![]), "the accepted requirements are not this resource's"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.mismatch", 1)],
+        },
+        Case {
+            what: "an x402 payment that is not base64",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, "%%%", vec![]), "PAYMENT-SIGNATURE is not base64"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.base64", 1)],
+        },
+        Case {
+            what: "an x402 payment that is not JSON",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, "bm90IGpzb24=", vec![]), "PAYMENT-SIGNATURE is not a JSON object"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.json", 1)],
+        },
+        Case {
+            what: "an x402 v1 payload in PAYMENT-SIGNATURE",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, "eyJ4NDAyVmVyc2lvbiI6MX0=", vec![]), "x402Version must be 2"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.version", 1)],
+        },
+        Case {
+            what: "an x402 payment with no payload",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, "eyJ4NDAyVmVyc2lvbiI6Mn0=", vec![]), "the payment has no accepted requirements or no payload"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.incomplete", 1)],
+        },
+        Case {
+            what: "PAYMENT-SIGNATURE sent twice",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let h = payment_with(|_| {});
+                let o = send(p, "POST", SMS, &[("payment-signature", &h), ("payment-signature", &h)], vec![]);
+                payment_refused(&o, "PAYMENT-SIGNATURE must be sent once");
+            },
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.repeated", 1)],
+        },
+        Case {
+            what: "a PAYMENT-SIGNATURE over max_payment_bytes",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_refused(&pay(p, &"A".repeat(9000), vec![]), "PAYMENT-SIGNATURE is too large"),
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.too_large", 1)],
+        },
+        Case {
+            what: "only the v1 X-PAYMENT header",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let o = send(p, "POST", SMS, &[("x-payment", "eyJ4NDAyVmVyc2lvbiI6MX0=")], vec![]);
+                payment_refused(&o, "x402 v1 (X-PAYMENT) is not accepted: pay with PAYMENT-SIGNATURE (x402 v2)");
+            },
+            expect: &[("dialtone.denied.payment_required", 1), ("dialtone.x402.invalid.v1", 1)],
+        },
+        Case {
+            what: "the facilitator unreachable (retried once)",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_unavailable(&pay(p, &payment_with(|_| {}), vec![CallAnswer::Failed, CallAnswer::Failed])),
+            expect: &[
+                ("dialtone.denied.payment_unavailable", 1),
+                ("dialtone.denied.payment_unavailable.unreachable", 1),
+                ("dialtone.x402.unavailable", 1),
+            ],
+        },
+        Case {
+            what: "the facilitator answers 500",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_unavailable(&pay(p, &payment_with(|_| {}), vec![CallAnswer::json(500, &json!({"error": "boom"}))])),
+            expect: &[
+                ("dialtone.denied.payment_unavailable", 1),
+                ("dialtone.denied.payment_unavailable.bad_status", 1),
+                ("dialtone.x402.unavailable", 1),
+            ],
+        },
+        Case {
+            what: "the facilitator answers garbage",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_unavailable(&pay(p, &payment_with(|_| {}), vec![CallAnswer::raw(200, b"<html>")])),
+            expect: &[
+                ("dialtone.denied.payment_unavailable", 1),
+                ("dialtone.denied.payment_unavailable.garbage", 1),
+                ("dialtone.x402.unavailable", 1),
+            ],
+        },
+        Case {
+            what: "the facilitator answers more than max_response_bytes",
+            config: demo_config,
+            env: &[],
+            setup: nothing,
+            run: |p| payment_unavailable(&pay(p, &payment_with(|_| {}), vec![CallAnswer::raw(200, &vec![b' '; 70_000])])),
+            expect: &[
+                ("dialtone.denied.payment_unavailable", 1),
+                ("dialtone.denied.payment_unavailable.too_large", 1),
+                ("dialtone.x402.unavailable", 1),
+            ],
         },
         // --- 401 by reason.
         Case {
@@ -314,6 +544,21 @@ fn table() -> Vec<Case> {
                 ("dialtone.cache.key.miss", 1),
                 ("dialtone.callout.answered", 1),
             ],
+        },
+        Case {
+            what: "an API key on a route that takes only Privy sessions",
+            config: || {
+                let mut cfg = demo_config();
+                cfg["routes"][2]["credentials"] = json!(["privy"]);
+                cfg
+            },
+            env: &[],
+            setup: nothing,
+            run: |p| {
+                let o = send(p, "POST", "/api/v1/credits/top-up", &[("authorization", &key_auth()), ("payment-signature", &payment_with(|_| {}))], vec![]);
+                unauthorized(&o, "this kind of credential is not accepted on this route");
+            },
+            expect: &[("dialtone.denied.unauthorized", 1), ("dialtone.denied.unauthorized.kind_not_accepted", 1)],
         },
         Case {
             what: "an expired API key",

@@ -209,8 +209,8 @@ pub fn report_lines(file: &str, outcome: &Outcome) -> Vec<String> {
 /// A table of the routes of a valid policy: name, methods, path, scope, cost, payment.
 pub fn explain(policy: &Value) -> String {
     let str_of = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_owned();
-    let mut rows: Vec<[String; 6]> =
-        vec![["NAME", "METHODS", "PATH", "SCOPE", "COST", "PAYMENT"].map(str::to_owned)];
+    let mut rows: Vec<[String; 7]> =
+        vec![["NAME", "METHODS", "PATH", "CREDENTIALS", "SCOPE", "COST", "PAYMENT"].map(str::to_owned)];
     let routes = policy.get("routes").and_then(Value::as_array).cloned().unwrap_or_default();
     for r in &routes {
         let methods = match r.get("methods").and_then(Value::as_array) {
@@ -253,13 +253,22 @@ pub fn explain(policy: &Value) -> String {
                             .join(" | ")
                     })
                     .unwrap_or_default();
-                parts.push(format!("x402 ({offers})"));
+                let settle = match r.get("x402").and_then(|x| x.get("settle")).and_then(Value::as_str) {
+                    Some("before_upstream") => ", settled before the upstream",
+                    _ => "",
+                };
+                parts.push(format!("x402 ({offers}{settle})"));
             }
             (cost.to_string(), parts.join(" + "))
         };
-        rows.push([str_of(r.get("name")), methods, path, if public { "-".into() } else { scope }, cost, payment]);
+        let credentials = match (public, r.get("credentials").and_then(Value::as_array)) {
+            (true, _) => "-".to_owned(),
+            (false, Some(kinds)) => kinds.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+            (false, None) => "any".to_owned(),
+        };
+        rows.push([str_of(r.get("name")), methods, path, credentials, if public { "-".into() } else { scope }, cost, payment]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row.iter()) {
             *w = (*w).max(cell.chars().count());

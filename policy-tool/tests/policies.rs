@@ -400,6 +400,9 @@ fn explain_lists_the_routes() {
     assert!(lines[0].starts_with("NAME"), "{table}");
     assert!(lines[1].starts_with("sms_send") && lines[1].contains("sms:send") && lines[1].contains("x402"), "{table}");
     assert!(lines.iter().any(|l| l.starts_with("healthz") && l.contains("public")), "{table}");
+    let top_up = lines.iter().find(|l| l.starts_with("credits_top_up")).unwrap_or_else(|| panic!("{table}"));
+    assert!(top_up.contains("privy,api_key,api_token") && top_up.contains("settled before the upstream"), "{table}");
+    assert!(lines[0].contains("CREDENTIALS") && lines[1].contains(" any "), "{table}");
 }
 
 /// The schema is valid JSON Schema and names every field and variant of raw.rs.
@@ -421,6 +424,7 @@ fn schema_covers_every_field_of_raw_rs() {
             "X402Accept" => "/$defs/x402_accept/properties",
             "RateLimit" => "/$defs/rate_limit/properties",
             "RawJwksFetch" => "/$defs/jwks_fetch/properties",
+            "RawFacilitator" => "/$defs/x402_facilitator/properties",
             other => panic!("raw.rs has a struct {other} the schema does not know: add it"),
         }
     };

@@ -9,7 +9,7 @@ use std::fmt;
 use crate::bearer::{self, DEFAULT_MAX_TOKEN_BYTES};
 use crate::privy_jwt::{self, EsKey, PrivyVerifier};
 use path::{PathError, PathMatcher};
-pub use raw::{Charge, PaymentMode, RateLimit, RawConfig, Unmatched, X402Accept};
+pub use raw::{Charge, CredentialKind, PaymentMode, RateLimit, RawConfig, Settle, Unmatched, X402Accept};
 use sha2::{Digest, Sha256};
 
 /// Admin keys shorter than this are refused: the key bypasses every check.
@@ -32,7 +32,20 @@ pub struct Config {
     pub forward_authorization: bool,
     pub max_token_bytes: usize,
     pub rate_limit: Option<RateLimit>,
+    pub facilitator: Option<FacilitatorConfig>,
     pub routes: Vec<Route>,
+}
+
+/// The x402 facilitator's cluster and limits.
+#[derive(Debug, Clone)]
+pub struct FacilitatorConfig {
+    pub cluster: String,
+    pub authority: String,
+    pub verify_path: String,
+    pub settle_path: String,
+    pub timeout_ms: u64,
+    pub max_response_bytes: usize,
+    pub max_payment_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +58,7 @@ pub struct ServiceConfig {
     pub max_response_bytes: usize,
     pub holds_path: String,
     pub ratelimit_path: String,
+    pub x402_claims_path: String,
     pub hold_ttl_seconds: u64,
     pub key_cache_ttl_ms: u64,
     pub key_cache_entries: usize,
@@ -90,6 +104,8 @@ pub struct Route {
     /// x402 payment accepted; the offer is what the 402 announces.
     pub x402: Option<X402Offer>,
     pub charge: Charge,
+    /// The credential kinds accepted (`None`: all, and none needed on x402).
+    pub credentials: Option<Vec<CredentialKind>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +113,7 @@ pub struct X402Offer {
     pub description: String,
     pub mime_type: String,
     pub accepts: Vec<X402Accept>,
+    pub settle: Settle,
 }
 
 impl Route {
@@ -270,6 +287,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         ("debit_path", &s.debit_path),
         ("holds_path", &s.holds_path),
         ("ratelimit_path", &s.ratelimit_path),
+        ("x402_claims_path", &s.x402_claims_path),
     ] {
         if !p.starts_with('/') {
             err(format!("$.credits_service.{field}"), "must start with '/'".into());
@@ -299,10 +317,43 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         max_response_bytes: s.max_response_bytes,
         holds_path: s.holds_path.trim_end_matches('/').to_owned(),
         ratelimit_path: s.ratelimit_path.clone(),
+        x402_claims_path: s.x402_claims_path.trim_end_matches('/').to_owned(),
         hold_ttl_seconds: s.hold_ttl_seconds,
         key_cache_ttl_ms: s.key_cache_ttl_ms,
         key_cache_entries: s.key_cache_entries,
     };
+    let facilitator = raw.x402_facilitator.as_ref().map(|f| {
+        let at = |field: &str| format!("$.x402_facilitator.{field}");
+        if f.cluster.is_empty() || !is_visible_ascii(&f.cluster) {
+            err(at("cluster"), "must name the Envoy cluster of the x402 facilitator".into());
+        }
+        if f.authority.as_ref().is_some_and(|a| a.is_empty() || !is_visible_ascii(a)) {
+            err(at("authority"), "must be a host[:port]".into());
+        }
+        for (field, path) in [("verify_path", &f.verify_path), ("settle_path", &f.settle_path)] {
+            if !path.starts_with('/') || !is_visible_ascii(path) {
+                err(at(field), "must be a path starting with '/'".into());
+            }
+        }
+        if !(1..=60_000).contains(&f.timeout_ms) {
+            err(at("timeout_ms"), "must be between 1 and 60000 (0 would mean no timeout)".into());
+        }
+        if !(1024..=1024 * 1024).contains(&f.max_response_bytes) {
+            err(at("max_response_bytes"), "must be between 1024 and 1048576".into());
+        }
+        if !(512..=64 * 1024).contains(&f.max_payment_bytes) {
+            err(at("max_payment_bytes"), "must be between 512 and 65536".into());
+        }
+        FacilitatorConfig {
+            cluster: f.cluster.clone(),
+            authority: f.authority.clone().unwrap_or_else(|| f.cluster.clone()),
+            verify_path: f.verify_path.clone(),
+            settle_path: f.settle_path.clone(),
+            timeout_ms: f.timeout_ms,
+            max_response_bytes: f.max_response_bytes,
+            max_payment_bytes: f.max_payment_bytes,
+        }
+    });
     let rate_limit = raw.rate_limit.map(|rl| RateLimit { burst: Some(rl.burst.unwrap_or(rl.requests)), ..rl });
     if let Some(rl) = &rate_limit {
         if rl.requests == 0 || rl.requests > 1_000_000 {
@@ -522,7 +573,23 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
             description: x.description.clone().unwrap_or_default(),
             mime_type: x.mime_type.clone().unwrap_or_else(|| "application/json".into()),
             accepts: x.accepts.clone(),
+            settle: x.settle,
         });
+        if let Some(kinds) = &r.credentials {
+            if r.public {
+                err(at("credentials"), "a public route takes no credentials".into());
+            } else if kinds.is_empty() {
+                err(at("credentials"), "must list at least one of \"privy\", \"api_key\", \"api_token\" (or be left out)".into());
+            }
+            for (j, k) in kinds.iter().enumerate() {
+                if kinds.iter().take(j).any(|o| o == k) {
+                    err(format!("$.routes[{i}].credentials[{j}]"), format!("{k:?} is listed twice"));
+                }
+            }
+        }
+        if x402.is_some() && raw.x402_facilitator.is_none() {
+            err(at("payment"), "takes \"x402\" but no x402_facilitator is configured: payments could not be verified".into());
+        }
         if let Some(path) = path {
             routes.push(Route {
                 name: r.name.clone(),
@@ -534,6 +601,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
                 credits: credits && !r.public,
                 x402,
                 charge: r.charge,
+                credentials: r.credentials.clone().filter(|_| !r.public),
             });
         }
     }
@@ -559,6 +627,7 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
         forward_authorization: raw.forward_authorization,
         max_token_bytes,
         rate_limit,
+        facilitator,
         routes,
     })
 }

@@ -32,7 +32,47 @@ pub struct RawConfig {
     /// and replicas). Absent = no rate limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// The x402 facilitator that verifies and settles payments (required as
+    /// soon as a route takes `x402`).
+    #[serde(default)]
+    pub x402_facilitator: Option<RawFacilitator>,
     pub routes: Vec<RawRoute>,
+}
+
+/// Where x402 payments are verified and settled (an Envoy cluster, called
+/// like the key/credits service).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFacilitator {
+    pub cluster: String,
+    /// `:authority` of the callouts; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_verify_path")]
+    pub verify_path: String,
+    #[serde(default = "default_settle_path")]
+    pub settle_path: String,
+    /// Settlement waits for the chain: give it time.
+    #[serde(default = "default_facilitator_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// A bigger `PAYMENT-SIGNATURE` is refused with 402 before any callout.
+    #[serde(default = "default_max_payment_bytes")]
+    pub max_payment_bytes: usize,
+}
+
+fn default_verify_path() -> String {
+    "/verify".into()
+}
+fn default_settle_path() -> String {
+    "/settle".into()
+}
+fn default_facilitator_timeout() -> u64 {
+    10_000
+}
+fn default_max_payment_bytes() -> usize {
+    8 * 1024
 }
 
 /// A token bucket: `burst` requests at once, refilled at `requests` per
@@ -83,6 +123,10 @@ pub struct RawService {
     pub holds_path: String,
     #[serde(default = "default_ratelimit_path")]
     pub ratelimit_path: String,
+    /// Where an x402 payment is claimed by the one request it pays for
+    /// (`<path>/<claim>/release` gives it back when the upstream failed).
+    #[serde(default = "default_x402_claims_path")]
+    pub x402_claims_path: String,
     /// A hold nobody settles is released by the service after this long.
     #[serde(default = "default_hold_ttl")]
     pub hold_ttl_seconds: u64,
@@ -105,6 +149,9 @@ fn default_cache_entries() -> usize {
 
 fn default_holds_path() -> String {
     "/v1/holds".into()
+}
+fn default_x402_claims_path() -> String {
+    "/v1/x402/claims".into()
 }
 fn default_ratelimit_path() -> String {
     "/v1/ratelimit".into()
@@ -253,6 +300,25 @@ pub struct RawRoute {
     /// `on_success` (default) or `up_front`.
     #[serde(default)]
     pub charge: Charge,
+    /// The Bearer credential kinds this route accepts (absent = every kind).
+    /// When set, a request without one is refused (401) even if it carries
+    /// an x402 payment: a credits top-up must name the account it credits,
+    /// and a dashboard's key management may demand a Privy session. The
+    /// operator admin key is always accepted.
+    #[serde(default)]
+    pub credentials: Option<Vec<CredentialKind>>,
+}
+
+/// A kind of Bearer credential (see the README's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// A Privy access token (a session).
+    Privy,
+    /// `dial_live_…`.
+    ApiKey,
+    /// `privy_` + 40 hex.
+    ApiToken,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,10 +344,25 @@ pub struct RawX402 {
     #[serde(default)]
     pub mime_type: Option<String>,
     pub accepts: Vec<X402Accept>,
+    /// When the payment is settled: `after_response` (default: only when the
+    /// upstream answered 2xx/3xx, so a client never pays for a failure) or
+    /// `before_upstream` (the upstream gets the settled transaction, e.g. a
+    /// credits top-up that must credit exactly once per transaction).
+    #[serde(default)]
+    pub settle: Settle,
+}
+
+/// When an x402 payment is settled.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Settle {
+    #[default]
+    AfterResponse,
+    BeforeUpstream,
 }
 
 /// One x402 v2 `PaymentRequirements` entry, in the protocol's own field names.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct X402Accept {
     pub scheme: String,

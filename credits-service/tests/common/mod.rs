@@ -7,10 +7,20 @@
     clippy::indexing_slicing
 )]
 
+use dialtone_credits::api::ServiceAuth;
 use dialtone_credits::store::Store;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+
+/// The service key the tests' servers accept and their clients send.
+pub const SERVICE_KEY: &str = "test-service-key-0123456789abcdef0123";
+/// The header that carries it.
+pub const SERVICE_KEY_HEADER: &str = "x-dialtone-service-key";
+
+/// What an in-process test server accepts: [`SERVICE_KEY`].
+pub fn service_auth() -> ServiceAuth {
+    ServiceAuth::from_keys(&[SERVICE_KEY]).unwrap()
+}
 
 /// A temp directory holding one database file; removed on drop.
 pub struct TempDb {
@@ -29,8 +39,9 @@ impl TempDb {
         Store::open(&self.path).unwrap()
     }
 
-    pub fn shared(&self) -> Arc<Mutex<Store>> {
-        Arc::new(Mutex::new(self.open()))
+    /// The database a test server opens (its `--db`).
+    pub fn shared(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -67,9 +78,12 @@ pub fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().build()
 }
 
-/// Send `method url` with optional body and extra headers.
+/// Send `method url` with optional body and extra headers, and the
+/// service key (as the filter does on every callout).
 pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
-    let mut req = agent().request(method, url);
+    let mut req = agent()
+        .request(method, url)
+        .set(SERVICE_KEY_HEADER, SERVICE_KEY);
     for (n, v) in headers {
         req = req.set(n, v);
     }
@@ -98,7 +112,9 @@ pub const PG_URL_ENV: &str = "DIALTONE_TEST_PG_URL";
 pub const PG_REQUIRED_ENV: &str = "DIALTONE_TEST_PG_REQUIRED";
 
 pub fn pg_url() -> Option<String> {
-    std::env::var(PG_URL_ENV).ok().filter(|u| !u.trim().is_empty())
+    std::env::var(PG_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
 }
 
 /// A database for one test.
@@ -134,10 +150,7 @@ impl TestBackend {
 
     /// A fresh database `test_<random>` on the server at `admin_url`.
     pub fn postgres(admin_url: &str) -> TestBackend {
-        let name = format!(
-            "test_{}",
-            dialtone_credits::keys::random_hex(8).unwrap()
-        );
+        let name = format!("test_{}", dialtone_credits::keys::random_hex(8).unwrap());
         let mut client = postgres::Client::connect(admin_url, postgres::NoTls)
             .unwrap_or_else(|e| panic!("cannot connect to {PG_URL_ENV}: {e}"));
         client
@@ -174,8 +187,9 @@ impl TestBackend {
         Store::connect(&self.db_arg()).unwrap()
     }
 
-    pub fn shared(&self) -> Arc<Mutex<Store>> {
-        Arc::new(Mutex::new(self.open()))
+    /// The database a test server opens (its `--db`).
+    pub fn shared(&self) -> String {
+        self.db_arg()
     }
 }
 
@@ -211,4 +225,157 @@ pub fn each_backend(f: impl Fn(&TestBackend)) {
             std::panic::resume_unwind(e);
         }
     }
+}
+
+// ----- a raw HTTP/1.1 client over one connection (keep-alive, bad input) ----
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+pub struct RawResp {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "non-JSON body {:?}: {e}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A response header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One client connection. Reads are bounded (`READ_BOUND`) so that a lost
+/// answer fails the test instead of hanging it.
+pub struct RawConn {
+    pub stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// The longest a test waits for any single answer.
+pub const READ_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl RawConn {
+    pub fn connect(addr: std::net::SocketAddr) -> RawConn {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READ_BOUND)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.stream.write_all(bytes)
+    }
+
+    /// Send one request (with the service key unless `key` is None).
+    pub fn request(&mut self, method: &str, path: &str, key: Option<&str>, body: &str) -> RawResp {
+        let key_line = key.map_or(String::new(), |k| format!("{SERVICE_KEY_HEADER}: {k}\r\n"));
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: test\r\n{key_line}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.send(req.as_bytes()).unwrap();
+        self.read_response()
+            .unwrap_or_else(|e| panic!("no answer to {method} {path}: {e}"))
+    }
+
+    /// Read one response (Content-Length framed, as this server answers).
+    pub fn read_response(&mut self) -> std::io::Result<RawResp> {
+        use std::io::Read;
+        let mut tmp = [0u8; 8192];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                let status: u16 = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    let n = self.stream.read(&mut tmp)?;
+                    if n == 0 {
+                        return Err(std::io::Error::other("closed mid-body"));
+                    }
+                    self.buf.extend_from_slice(&tmp[..n]);
+                }
+                let body = self.buf[end + 4..end + 4 + len].to_vec();
+                self.buf.drain(..end + 4 + len);
+                return Ok(RawResp { status, head, body });
+            }
+            let n = self.stream.read(&mut tmp)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before an answer",
+                ));
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Wait (at most `READ_BOUND`) until the server closes the connection;
+    /// true if it did (EOF or reset), false on timeout. Data is discarded.
+    pub fn closed_by_server(&mut self) -> bool {
+        use std::io::Read;
+        let mut tmp = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// Poll `f` until it returns true or `bound` passes (deadline-bounded
+/// polling of an observable condition; never a sleep-then-assert).
+pub fn eventually(bound: std::time::Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + bound;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The ledger and the money as `check` sees them (to prove a refused
+/// request changed nothing).
+pub fn ledger_fingerprint(store: &mut Store) -> (i64, i64, Vec<String>) {
+    let report = store.check().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    (report.accounts, report.ledger_rows, report.problems)
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack};
+pub use dialtone_devstack::{self as devstack, tokens, Options, Paths, Ports, Stack, X402Env, X402Options};
 use serde_json::{json, Value};
 
 pub const ADMIN_KEY: &str = "e2e-operator-admin-key-0123456789";
@@ -64,6 +64,8 @@ impl TestStack {
             concurrency: 1,
             database: None,
             extra_credits: Vec::new(),
+            x402: None,
+            credits_http1: false,
         };
         options(&mut opts)?;
         let stack = Stack::start(paths, opts)?;
@@ -72,6 +74,42 @@ impl TestStack {
 
     pub fn start(name: &str) -> TestStack {
         Self::start_with(name, |_| {}).unwrap_or_else(|e| panic!("starting the stack: {e}"))
+    }
+
+    /// A stack with its own local x402 stack (anvil + TestUSDC + the
+    /// reference facilitator, on free ports).
+    pub fn start_x402(name: &str) -> TestStack {
+        Self::start_full(name, |_| {}, with_x402).unwrap_or_else(|e| panic!("starting the stack: {e}"))
+    }
+
+    /// The x402 stack this test stack started (see [`with_x402`]).
+    pub fn x402(&self) -> &X402Env {
+        self.stack.x402().expect("this stack was started without x402 (TestStack::start_x402 or with_x402)")
+    }
+
+    /// Signs a payment for `payment_required` (the base64 `PAYMENT-REQUIRED`
+    /// value, or a 402 JSON body) with the reference client, `node
+    /// x402/pay.mjs`, as the stack's payer; `args` go to pay.mjs (e.g.
+    /// `--valid-before`, or `--key-env X402_UNFUNDED_KEY` for the unfunded
+    /// payer). Returns the `PAYMENT-SIGNATURE` value.
+    pub fn pay(&self, payment_required: &str, args: &[&str]) -> String {
+        let x = self.x402();
+        let out = std::process::Command::new("node")
+            .arg(self.stack.paths.root.join("x402/pay.mjs"))
+            .arg(payment_required)
+            .args(args)
+            .env("X402_PAYER_KEY", &x.payer.key)
+            .env("X402_UNFUNDED_KEY", &x.unfunded.key)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running node x402/pay.mjs: {e}"));
+        assert!(out.status.success(), "pay.mjs {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// The TestUSDC balance of `address`, read on chain.
+    pub fn token_balance(&self, address: &str) -> u128 {
+        self.x402().token_balance(address).unwrap_or_else(|e| panic!("reading the balance of {address}: {e}"))
     }
 
     /// A valid Privy access token for `sub`.
@@ -247,6 +285,25 @@ impl EnvoyStats {
     pub fn value(&self, name: &str) -> u64 {
         self.get(name).unwrap_or_else(|| panic!("{name} not in stats:\n{}", self.0))
     }
+}
+
+/// `Options` for a stack that starts its own x402 stack (anvil on a free port).
+pub fn with_x402(o: &mut Options) -> Result<(), String> {
+    o.x402 = Some(X402Options { anvil_port: devstack::free_port()? });
+    Ok(())
+}
+
+/// Standard base64 of JSON, decoded (the x402 headers' encoding).
+pub fn decode_b64_json(value: &str) -> Value {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(value.trim()).unwrap_or_else(|e| panic!("not base64 ({e}): {value:?}"));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))
+}
+
+/// JSON, as standard base64 (the x402 headers' encoding).
+pub fn encode_b64_json(value: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(value.to_string())
 }
 
 pub fn bearer(token: &str) -> String {
@@ -558,6 +615,8 @@ impl Conn {
 
 impl Drop for TestStack {
     fn drop(&mut self) {
+        // The x402 stack stops by the PID files in the run directory: before it goes.
+        self.stack.stop_x402();
         // Keep the logs of a failed test for a look; tidy up after a pass.
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.stack.opts.run_dir);

@@ -237,38 +237,45 @@ fn admin_key_bypasses_scopes_and_payment() {
 
 #[test]
 fn x402_fall_through() {
+    // No facilitator runs here: what is refused before any callout (the
+    // payments themselves are tests/x402.rs, on a local chain).
     let t = TestStack::start("x402");
     // No Bearer, x402 route, no payment header: 402 with the requirements.
     let r = t.post(SMS, &[], SMS_BODY);
     let b = r.assert_refusal(402, "payment_required");
     assert_eq!(b["x402Version"], 2);
     assert_eq!(b["accepts"][0]["scheme"], "exact");
-    assert_eq!(b["accepts"][0]["network"], "eip155:84532");
+    assert_eq!(b["accepts"][0]["network"], "eip155:31337");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     let header: Value = serde_json::from_slice(&STANDARD.decode(r.header("payment-required").unwrap()).unwrap()).unwrap();
     assert_eq!(header["x402Version"], 2);
     assert_eq!(header["accepts"], b["accepts"]);
     assert!(header["resource"]["url"].as_str().unwrap().ends_with(SMS), "{header}");
 
-    // With a payment header the request passes, the header untouched.
-    for name in ["payment-signature", "x-payment"] {
-        let r = t.get("/echo/paid/x402", &[(name, "eyJwYXlsb2FkIjoidGVzdCJ9")]);
-        assert_eq!(r.echoed_header(name).as_deref(), Some("eyJwYXlsb2FkIjoidGVzdCJ9"), "{name}");
-        assert_eq!(r.echoed_header("x-dialtone-auth-method"), None);
+    // A payment header is never passed unchecked: garbage and the v1 header
+    // are refused before any callout, with the reason in a fresh PAYMENT-REQUIRED.
+    for (name, value, reason) in [
+        ("payment-signature", "eyJwYXlsb2FkIjoidGVzdCJ9", "x402Version must be 2"),
+        ("payment-signature", "not base64!", "PAYMENT-SIGNATURE is not base64"),
+        ("x-payment", "eyJ4NDAyVmVyc2lvbiI6MX0=", "x402 v1 (X-PAYMENT) is not accepted: pay with PAYMENT-SIGNATURE (x402 v2)"),
+    ] {
+        let r = t.get("/echo/paid/x402", &[(name, value)]);
+        assert_eq!(r.assert_refusal(402, "payment_required")["reason"], reason, "{name}: {value}");
+        let fresh: Value = serde_json::from_slice(&STANDARD.decode(r.header("payment-required").unwrap()).unwrap()).unwrap();
+        assert_eq!(fresh["error"], reason);
     }
+    assert!(t.stack.upstream_requests().unwrap().iter().all(|r| !r["path"].as_str().unwrap_or_default().starts_with("/echo/paid")));
     // A route without x402: 401 with a bare challenge.
     let r = t.get("/api/v1/account", &[]);
     r.assert_refusal(401, "unauthorized");
     assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"dialtone\""));
 
-    // Top-up: x402 only; the Bearer says whom to credit.
+    // Top-up: x402 only; the Bearer says whom to credit, and without a
+    // payment the filter asks for one before any lookup.
     t.stack.create_account(USER, 0).unwrap();
     let token = t.privy_token(USER);
     t.post("/api/v1/credits/top-up", &[("authorization", &bearer(&token))], "{}").assert_refusal(402, "payment_required");
-    let r = t.post("/api/v1/credits/top-up", &[("authorization", &bearer(&token)), ("payment-signature", "demo-payment-1")], "{}");
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(t.stack.balance(USER).unwrap(), 100);
-    sms_ok(&t.post(SMS, &[("authorization", &bearer(&token))], SMS_BODY));
-    assert_eq!(t.stack.balance(USER).unwrap(), 99);
+    assert_eq!(t.stack.balance(USER).unwrap(), 0);
 }
 
 #[test]
@@ -379,7 +386,12 @@ fn secrets_never_reach_the_logs() {
 #[test]
 fn fails_closed_on_a_slow_or_garbage_speaking_service() {
     use dialtone_e2e::{Fault, FaultServer};
-    let mut t = TestStack::start("faults");
+    // The fault stand-in speaks HTTP/1.1: so does Envoy to it here.
+    let mut t = TestStack::start_full("faults", |_| {}, |o| {
+        o.credits_http1 = true;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     t.stack.create_account(USER, 10).unwrap();
     let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
     let token = t.privy_token(USER);
@@ -433,8 +445,11 @@ fn fails_closed_on_a_slow_or_garbage_speaking_service() {
 /// `dispatch_failed` (harness/tests/metrics.rs relies on this test for it).
 #[test]
 fn a_callout_to_an_unknown_cluster_fails_closed() {
-    let t = TestStack::start_with("nocluster", |cfg| cfg["credits_service"]["cluster"] = json!("no_such_cluster"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let t = TestStack::start_with("nocluster", |cfg| {
+        cfg["credits_service"]["cluster"] = json!("no_such_cluster");
+        cfg["x402_facilitator"]["cluster"] = json!("no_such_facilitator");
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     t.stack.create_account(USER, 10).unwrap();
     let key = t.stack.create_key(USER, &["sms:send"], &[]).unwrap();
     for (auth, what) in [(key.as_str(), "an API key's lookup"), (ADMIN_KEY, "the admin key (no callout)")] {
@@ -452,6 +467,20 @@ fn a_callout_to_an_unknown_cluster_fails_closed() {
     assert_eq!(value("dialtone.callout.answered") + value("dialtone.callout.failed"), 0, "nothing was sent: {stats}");
     assert_eq!(t.stack.balance(USER).unwrap(), 10);
     assert!(t.stack.log("envoy").contains("cannot call cluster \"no_such_cluster\""), "{}", t.stack.log_tail("envoy"));
+    // An x402 payment that matches the route: its verification cannot even
+    // be sent. Fail closed, never a free pass.
+    use base64::Engine;
+    let accepted = t.stack.opts.plugin_config["routes"][0]["x402"]["accepts"][0].clone();
+    let payment = json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x1"}});
+    let header = base64::engine::general_purpose::STANDARD.encode(payment.to_string());
+    let r = t.post(SMS, &[("payment-signature", &header)], SMS_BODY);
+    assert_eq!((r.status, r.body.as_str()), (503, r#"{"success":false,"error":"payment_unavailable"}"#));
+    let envoy = dialtone_e2e::EnvoyStats::read(t.stack.opts.ports.admin, "dialtone");
+    assert_eq!(envoy.value("dialtone.denied.payment_unavailable"), 1, "{}", envoy.0);
+    assert_eq!(envoy.value("dialtone.denied.payment_unavailable.dispatch_failed"), 1, "{}", envoy.0);
+    assert!(t.stack.log("envoy").contains("cannot call cluster \"no_such_facilitator\""), "{}", t.stack.log_tail("envoy"));
+    let sms_sent = t.stack.upstream_requests().unwrap().iter().filter(|r| r["path"] == SMS).count();
+    assert_eq!(sms_sent, 1, "only the admin key's request reached the upstream");
 }
 
 /// Envoy continues a stopped request when its body arrives unless the filter

@@ -69,15 +69,23 @@ fn probe_until(what: &str, mut probe: impl FnMut() -> Resp, passes: impl Fn(&Res
 
 #[test]
 fn jwks_host_faults_keep_the_last_good_keys() {
-    let mut t = TestStack::start_with("jwksfaults", |cfg| {
-        let privy = cfg["privy"].as_object_mut().unwrap();
-        privy.remove("verification_key");
-        privy.insert(
-            "jwks_fetch".into(),
-            json!({"cluster": "dialtone_credits", "authority": "issuer.local", "path": JWKS_PATH,
-                   "refresh_seconds": 300, "unknown_kid_cooldown_seconds": 1, "timeout_ms": FETCH_TIMEOUT_MS}),
-        );
-    })
+    // The fault stand-ins speak HTTP/1.1: so does Envoy to the credits port here.
+    let mut t = TestStack::start_full(
+        "jwksfaults",
+        |cfg| {
+            let privy = cfg["privy"].as_object_mut().unwrap();
+            privy.remove("verification_key");
+            privy.insert(
+                "jwks_fetch".into(),
+                json!({"cluster": "dialtone_credits", "authority": "issuer.local", "path": JWKS_PATH,
+                       "refresh_seconds": 300, "unknown_kid_cooldown_seconds": 1, "timeout_ms": FETCH_TIMEOUT_MS}),
+            );
+        },
+        |o| {
+            o.credits_http1 = true;
+            Ok(())
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}"));
     let app_id = t.app_id.clone();
     let issuer_key = SigningKey::from_slice(&[31u8; 32]).unwrap();

@@ -1,0 +1,141 @@
+//! The money rules, written once as async functions over [`Sql`] and run
+//! unchanged on SQLite (rusqlite in the writer, sqlx in the readers) and
+//! PostgreSQL (sqlx). Each function runs inside a transaction its caller
+//! opened; see [`crate::store`] for the rules themselves.
+//!
+//! [`Job`] wraps one operation with its inputs so a backend can run it where
+//! it belongs: a write in the SQLite group-commit writer or in a PostgreSQL
+//! transaction (re-run on serialization failures), a read on a pooled reader.
+//!
+//! One file per money concern, each with its rules and their jobs:
+//! `accounts` (opening, top-ups, balances), `debits` (one-step
+//! charges), `holds` (reserve, capture, release, expiry), `refunds`,
+//! `ledger` (balance changes and the consistency check), `limits` (rate
+//! limiting), `keys` (API keys and tokens) and `x402_claims` (x402
+//! payment claims). This file holds what they share: [`Job`], the `job!`
+//! macro and the account-locking building blocks.
+
+use crate::db::{Dialect, Sql};
+use crate::store::{AccountSummary, Result};
+use crate::vals;
+use std::future::Future;
+
+/// One operation on the database, with its inputs. `run` may be called more
+/// than once (PostgreSQL re-runs a transaction after a serialization
+/// failure), each time in a fresh transaction.
+pub trait Job: Send + Sync {
+    type Out: Send + 'static;
+    fn run<S: Sql>(&self, tx: &mut S) -> impl Future<Output = Result<Self::Out>> + Send;
+}
+
+/// Declare a job: a struct with public fields and its `run` body.
+macro_rules! job {
+    ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, |$this:ident, $tx:ident| $body:expr) => {
+        $(#[$m])*
+        #[derive(Debug, Clone)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl $crate::rules::Job for $name {
+            type Out = $out;
+            #[allow(clippy::redundant_async_block)]
+            fn run<S: $crate::db::Sql>(
+                &self,
+                $tx: &mut S,
+            ) -> impl ::std::future::Future<Output = $crate::store::Result<$out>> + Send {
+                let $this = self;
+                async move { $body }
+            }
+        }
+    };
+}
+
+// Declared after `job!`: a `macro_rules!` macro is in scope only below its
+// definition.
+mod accounts;
+mod debits;
+mod holds;
+mod keys;
+mod ledger;
+mod limits;
+mod refunds;
+mod x402_claims;
+
+pub use accounts::{
+    account_view, create_account, topup, AccountView, Balance, CreateAccount, Topup,
+};
+pub use debits::{debit, Debit, DebitCount, DebitRecordOf};
+pub use holds::{
+    create_hold, due_accounts, expire_account, settle, CreateHold, DueAccounts, ExpireAccount,
+    ExpireAll, HoldStateOf, OpenHolds, Settle,
+};
+pub use keys::{
+    create_key, list_keys, lookup_key, revoke_by_prefix, touch_key, ActiveTokenCount, CreateKey,
+    ListKeys, LookupKey, Revoke, TouchKey,
+};
+pub use ledger::{check, Check, Ledger, LedgerBalance, LedgerRowCount};
+pub use limits::{rate_limit, RateTake};
+pub use refunds::{refund, Refund};
+pub use x402_claims::{claim_payment, release_claim, ClaimOutcome, ClaimPayment, ReleaseClaim};
+
+// ----- building blocks run inside a transaction ---------------------------
+
+/// Lock the account row and read it; `None` for an unknown account.
+///
+/// The one place the dialects differ in locking: PostgreSQL takes the row
+/// lock (`FOR UPDATE`); SQLite's writer already holds the database write
+/// lock from `BEGIN IMMEDIATE`.
+async fn lock_account<S: Sql>(tx: &mut S, account: &str) -> Result<Option<AccountSummary>> {
+    let sql = match tx.dialect() {
+        Dialect::Postgres => "SELECT balance, held FROM accounts WHERE id = $1 FOR UPDATE",
+        Dialect::Sqlite => "SELECT balance, held FROM accounts WHERE id = $1",
+    };
+    match tx.row(sql, &vals![account]).await? {
+        None => Ok(None),
+        Some(r) => Ok(Some(AccountSummary {
+            balance: r.i64(0)?,
+            held: r.i64(1)?,
+        })),
+    }
+}
+
+/// Create the account with nothing in it if it does not exist. Returns true
+/// when it was created.
+async fn ensure_account<S: Sql>(tx: &mut S, account: &str, now: i64) -> Result<bool> {
+    Ok(tx
+        .exec(
+            "INSERT INTO accounts (id, balance, held, created_at) VALUES ($1, 0, 0, $2) \
+             ON CONFLICT DO NOTHING",
+            &vals![account, now],
+        )
+        .await?
+        == 1)
+}
+
+/// Lock the account and expire its due holds: the start of every money
+/// transaction on an existing account.
+async fn lock_and_expire<S: Sql>(
+    tx: &mut S,
+    account: &str,
+    now: i64,
+) -> Result<Option<AccountSummary>> {
+    match lock_account(tx, account).await? {
+        None => Ok(None),
+        Some(cur) => Ok(Some(
+            holds::expire_account_holds(tx, account, cur, now).await?.0,
+        )),
+    }
+}
+
+// ----- jobs -----------------------------------------------------------------
+
+job!(
+    /// One raw statement (operators' and tests' escape hatch; the ledger
+    /// triggers still apply).
+    Raw { sql: String } -> u64,
+    |j, tx| tx.exec(&j.sql, &[]).await
+);
+
+job!(
+    /// The database answers (read; `/readyz`).
+    Ping {} -> i64,
+    |_j, tx| tx.int("SELECT 1", &[]).await
+);
