@@ -12,11 +12,14 @@
 mod common;
 
 use common::*;
-use dialtone_harness::{Action, Outcome, Plugin};
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use dialtone_harness::{Action, CallAnswer, Callout, Outcome, Plugin};
 use serde_json::json;
 
 const ACCOUNT: &str = "/api/v1/account";
 const SMS: &str = "/api/v1/sms/send";
+/// The payer the scripted facilitator reports (anvil's second account).
+const PAYER: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 
 const MULTIPLE: &str = "more than one Authorization header";
 const NOT_BEARER: &str = "the Authorization scheme must be Bearer";
@@ -261,7 +264,10 @@ fn client_sent_identity_headers_never_survive() {
         ("x-dialtone-empty", b""),
     ];
     let lookalikes: Vec<(&str, &[u8])> = vec![("x-dialtonex", b"1"), ("x-dial-tone-account", b"2"), ("dialtone-account", b"3")];
-    let send = |p: &mut Plugin, method: &str, path: &str, extra: &[(&str, &[u8])], answers: &[dialtone_harness::CallAnswer]| -> Vec<(String, Vec<u8>)> {
+    // Each answer is made from the callout it answers (an x402 claim echoes
+    // the claim id the filter sent).
+    type Answer<'a> = &'a dyn Fn(&Callout) -> CallAnswer;
+    let send = |p: &mut Plugin, method: &str, path: &str, extra: &[(&str, &[u8])], answers: &[Answer]| -> Vec<(String, Vec<u8>)> {
         let mut headers = base(path);
         headers[0].1 = method.as_bytes().to_vec();
         let mut raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
@@ -271,7 +277,8 @@ fn client_sent_identity_headers_never_survive() {
         let mut s = p.http().unwrap();
         s.send_request_headers(&raw, true).unwrap();
         for a in answers {
-            let c = s.answer_next(a.clone()).unwrap();
+            let pending = s.pending_callouts().into_iter().next().expect("a callout to answer");
+            let c = s.answer_next(a(&pending)).unwrap();
             let wire = format!("{:?}{}", c.headers, String::from_utf8_lossy(&c.body));
             assert!(!wire.contains("victim") && !wire.contains("999999"), "a spoofed header reached a callout: {wire}");
         }
@@ -289,8 +296,24 @@ fn client_sent_identity_headers_never_survive() {
 
     // Public route: only the route name.
     assert_eq!(send(&mut p, "GET", "/healthz", &[], &[]), ours(&[("x-dialtone-route", "healthz")]));
-    // x402 payment pass-through.
-    assert_eq!(send(&mut p, "POST", SMS, &[("payment-signature", b"eyJ4NDAyIjp0cnVlfQ")], &[]), ours(&[("x-dialtone-route", "sms_send")]));
+    // x402 payment (verified by the facilitator, claimed): the filter's own
+    // x402 identity, nothing of the client's.
+    let accepted = demo_config()["routes"][0]["x402"]["accepts"][0].clone();
+    let payment = STANDARD.encode(json!({"x402Version": 2, "accepted": accepted, "payload": {"signature": "0x1"}}).to_string());
+    let verified = |_: &Callout| CallAnswer::json(200, &json!({"isValid": true, "payer": PAYER}));
+    let claimed = |c: &Callout| CallAnswer::json(201, &json!({"claim": c.body_json()["claim"], "claimed": true}));
+    let mut got = send(&mut p, "POST", SMS, &[("payment-signature", payment.as_bytes())], &[&verified, &claimed]);
+    got.sort();
+    let mut want = ours(&[
+        ("x-dialtone-auth-method", "x402"),
+        ("x-dialtone-route", "sms_send"),
+        ("x-dialtone-x402-amount", accepted["amount"].as_str().unwrap()),
+        ("x-dialtone-x402-asset", accepted["asset"].as_str().unwrap()),
+        ("x-dialtone-x402-network", accepted["network"].as_str().unwrap()),
+        ("x-dialtone-x402-payer", PAYER),
+    ]);
+    want.sort();
+    assert_eq!(got, want);
     // Privy session on a free route.
     let mut got = send(&mut p, "GET", ACCOUNT, &[("authorization", privy_auth.as_bytes())], &[]);
     got.sort();
@@ -302,7 +325,7 @@ fn client_sent_identity_headers_never_survive() {
     assert!(got.iter().all(|(k, v)| k != "x-dialtone-account" && v != b"999999"), "{got:?}");
     assert!(got.contains(&("x-dialtone-auth-method".to_string(), b"admin".to_vec())), "{got:?}");
     // API key on a paid route: lookup and hold, then the real identity.
-    let got = send(&mut p, "POST", SMS, &[("authorization", key_auth.as_bytes())], &[key_record(&["sms:send"], "active", 5), held("hold_h", 1, 4)]);
+    let got = send(&mut p, "POST", SMS, &[("authorization", key_auth.as_bytes())], &[&|_: &Callout| key_record(&["sms:send"], "active", 5), &|_: &Callout| held("hold_h", 1, 4)]);
     assert!(got.contains(&("x-dialtone-account".to_string(), USER.as_bytes().to_vec())), "{got:?}");
     assert!(got.contains(&("x-dialtone-key-prefix".to_string(), API_KEY_PREFIX.as_bytes().to_vec())), "{got:?}");
     assert!(got.contains(&("x-dialtone-credits-remaining".to_string(), b"4".to_vec())), "{got:?}");
