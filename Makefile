@@ -134,7 +134,7 @@ fuzz-regress:
 EMPTY_WASM := target/$(WASM_TARGET)/wasm-release/dialtone_bench_empty_filter.wasm
 # Under a throwaway PostgreSQL (scripts/with-postgres.sh), so D4p runs too.
 bench: bench-build
-	scripts/with-postgres.sh target/pg-bench 55433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
+	PG_FSYNC=on scripts/with-postgres.sh target/pg-bench 55433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
 
 # Every bench variant for 1 s, in `make test`: proves each configuration
 # still serves only 2xx (the numbers of so short a run mean nothing). No

@@ -10,6 +10,8 @@
 # The server listens on loopback only and trusts local connections (no
 # password): it is for development and tests, never for production.
 #   DIALTONE_TEST_PG_URL=$(scripts/postgres.sh start target/pg 55432) cargo test -p dialtone-credits
+# PG_FSYNC=on makes commits durable (make bench measures that); tests keep
+# the default fsync=off, which is faster and loses nothing they check.
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop|url DIR PORT" >&2; exit 2; }
@@ -64,7 +66,7 @@ start)
         touch "$log"
         [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$log"
         as_postgres "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 \
-            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=off" start >&2 \
+            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=${PG_FSYNC:-off}" start >&2 \
             || { tail -n 30 "$log" >&2; exit 1; }
     fi
     if ! as_postgres "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc \

@@ -56,7 +56,8 @@
 //! (target/bench/results.json), BENCH_PERF (1: perf record the Envoy under
 //! test), BENCH_PG_URL (PostgreSQL for D4p and S2*/S3*; `make bench` sets
 //! it), BENCH_NO_SERVICE (1: skip the service-alone rows),
-//! BENCH_SERVICE_CLIENTS (64), BENCH_LOADGEN (the loadgen binary;
+//! BENCH_SERVICE_CLIENTS (64), BENCH_CREDITS_H1 (1: the filter's
+//! key/credits cluster speaks HTTP/1.1 instead of h2c), BENCH_LOADGEN (the loadgen binary;
 //! target/release/examples/loadgen next to the service by default, built
 //! by `make bench-build`).
 
@@ -484,7 +485,12 @@ fn cluster(name: &str, port: u16) -> String {
 fn tested_config(s: &Setup, v: &Variant, listen: u16, admin: u16) -> String {
     let mut clusters = cluster("upstream", s.backend.upstream);
     clusters.push_str(&cluster("authz", s.backend.authz));
-    clusters.push_str(&h2_cluster("dialtone_credits", v.credits_cluster_port.unwrap_or(s.backend.standin)));
+    let credits_port = v.credits_cluster_port.unwrap_or(s.backend.standin);
+    if std::env::var("BENCH_CREDITS_H1").as_deref() == Ok("1") {
+        clusters.push_str(&cluster("dialtone_credits", credits_port));
+    } else {
+        clusters.push_str(&h2_cluster("dialtone_credits", credits_port));
+    }
     clusters.push_str(&cluster("x402_facilitator", s.backend.standin));
     format!(
         r#"# Written by `make bench` (bench/src/main.rs): variant {id}, {what}.

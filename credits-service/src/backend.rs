@@ -33,8 +33,7 @@ struct Inner {
     touched: Mutex<HashMap<String, i64>>,
 }
 
-/// A connection pool (and, on SQLite, the group-commit writer). Cheap to
-/// clone.
+/// A connection pool and the group-commit writer(s). Cheap to clone.
 #[derive(Clone)]
 pub struct Db(Arc<Inner>);
 
@@ -68,9 +67,10 @@ impl Db {
         }
     }
 
-    /// Run a write job: SQLite's writer (group commit), or a PostgreSQL
-    /// transaction on its own task, so a request cancelled mid-way (its
-    /// client went away) never cuts a transaction short.
+    /// Run a write job: SQLite's writer (group commit), or on PostgreSQL
+    /// its account's group-commit writer or a transaction of its own, on a
+    /// task of its own so a request cancelled mid-way (its client went away)
+    /// never cuts a transaction short.
     pub async fn write<J: Job + 'static>(&self, job: J) -> Result<J::Out> {
         match &self.0.backend {
             Backend::Sqlite(db) => db.write(job).await,
@@ -78,7 +78,7 @@ impl Db {
                 let this = self.clone();
                 let task = tokio::spawn(async move {
                     match &this.0.backend {
-                        Backend::Postgres(db) => db.write_here(&job).await,
+                        Backend::Postgres(db) => db.write(job).await,
                         Backend::Sqlite(db) => db.write(job).await,
                     }
                 });
@@ -165,6 +165,23 @@ impl Db {
         match &self.0.backend {
             Backend::Sqlite(db) => Some(db.writer_stats()),
             Backend::Postgres(_) => None,
+        }
+    }
+
+    /// PostgreSQL's group-commit counters (`None` on SQLite).
+    pub fn pg_writer_stats(&self) -> Option<crate::pg::WriterStats> {
+        match &self.0.backend {
+            Backend::Postgres(db) => Some(db.writer_stats()),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// Write jobs waiting for PostgreSQL's group-commit writers (`None` on
+    /// SQLite).
+    pub fn pg_queued(&self) -> Option<usize> {
+        match &self.0.backend {
+            Backend::Postgres(db) => Some(db.queued()),
+            Backend::Sqlite(_) => None,
         }
     }
 

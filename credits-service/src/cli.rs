@@ -189,6 +189,13 @@ struct ServeArgs {
     /// PostgreSQL: longest wait for a connection before answering 503.
     #[arg(long, env = "DIALTONE_PG_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000)]
     pg_acquire_timeout_ms: u64,
+    /// PostgreSQL: most account writes (debits, holds, captures) committed
+    /// together in one transaction (1: each in its own).
+    #[arg(long, env = "DIALTONE_PG_MAX_BATCH", default_value_t = 64)]
+    pg_max_batch: usize,
+    /// PostgreSQL: group-commit writers (accounts are spread over them).
+    #[arg(long, env = "DIALTONE_PG_WRITERS", default_value_t = 4)]
+    pg_writers: usize,
     /// SQLite: reader connections.
     #[arg(long, env = "DIALTONE_SQLITE_READERS", default_value_t = 4)]
     sqlite_readers: u32,
@@ -403,6 +410,8 @@ fn serve(args: ServeArgs, db: &str, out: &mut dyn Write) -> Result<(), CliError>
         pg: PgOptions {
             max_connections: args.pg_pool_size.max(1),
             acquire_timeout: Duration::from_millis(args.pg_acquire_timeout_ms.max(1)),
+            max_batch: args.pg_max_batch.max(1),
+            writers: args.pg_writers.max(1),
             ..PgOptions::default()
         },
     };

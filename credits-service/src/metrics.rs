@@ -80,12 +80,15 @@ fn build() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(DB_UP, "1 if the database answered the scrape's query.");
     metrics::describe_counter!(SWEEPER_RUNS, "Runs of the expired-hold sweeper.");
     metrics::describe_counter!(HOLDS_EXPIRED, "Holds released by the sweeper.");
-    metrics::describe_counter!(GROUP_COMMITS, "SQLite group commits.");
-    metrics::describe_histogram!(GROUP_COMMIT_BATCH, "Write jobs per SQLite group commit.");
+    metrics::describe_counter!(
+        GROUP_COMMITS,
+        "Group commits (the SQLite writer, or a PostgreSQL account writer)."
+    );
+    metrics::describe_histogram!(GROUP_COMMIT_BATCH, "Write jobs per group commit.");
     metrics::describe_histogram!(
         GROUP_COMMIT_DURATION,
         metrics::Unit::Seconds,
-        "SQLite group commit, BEGIN to COMMIT."
+        "One group commit, BEGIN to COMMIT."
     );
     metrics::describe_counter!(
         PG_RETRIES,
@@ -126,7 +129,7 @@ pub fn request(endpoint: &str, status: u16, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
-/// One SQLite group commit of `size` jobs.
+/// One group commit of `size` jobs (SQLite or PostgreSQL).
 pub fn group_commit(size: usize, elapsed: Duration, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(GROUP_COMMITS, "result" => result).increment(1);

@@ -723,6 +723,8 @@ impl Store {
             .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
         let options = crate::pg::PgOptions {
             max_connections: 2,
+            // One operator command at a time: nothing to commit together.
+            max_batch: 1,
             ..crate::pg::PgOptions::default()
         };
         let db = rt.block_on(crate::pg::PgDb::connect(url, &options))?;

@@ -1,4 +1,5 @@
-//! SQLite group commit, driven through the service's database handle:
+//! Group commit (SQLite's writer; PostgreSQL's per-account writers when
+//! DIALTONE_TEST_PG_URL is set), driven through the service's database handle:
 //! concurrent writes share one transaction and one fsync, a job that fails
 //! is rolled back alone, and a batch whose COMMIT fails applies nothing and
 //! answers every job with an error.
@@ -215,4 +216,219 @@ fn a_batch_whose_commit_fails_applies_nothing_and_fails_every_job() {
     });
     let after = ledger_fingerprint(&mut db.open());
     assert_eq!(after.1, before.1 + 1);
+}
+
+// ----- PostgreSQL: group commit by account ----------------------------------
+//
+// Needs DIALTONE_TEST_PG_URL (`make pg`); skipped without it unless
+// DIALTONE_TEST_PG_REQUIRED=1. The batch is made deterministic the same way:
+// another connection holds the account's row lock, the writer takes the
+// first job and waits for it while the others queue behind.
+
+fn pg_backend() -> Option<common::TestBackend> {
+    match common::pg_url() {
+        Some(url) => Some(common::TestBackend::postgres(&url)),
+        None => {
+            assert!(
+                std::env::var(common::PG_REQUIRED_ENV).as_deref() != Ok("1"),
+                "{} is required",
+                common::PG_URL_ENV
+            );
+            eprintln!("skipped: no {}", common::PG_URL_ENV);
+            None
+        }
+    }
+}
+
+fn hold(key: &str) -> rules::CreateHold {
+    rules::CreateHold {
+        req: dialtone_credits::store::HoldRequest {
+            account: "acct".into(),
+            amount: 2,
+            idempotency_key: key.into(),
+            ttl_seconds: 60,
+            route: None,
+            key_prefix: None,
+        },
+        rate: None,
+        now_ms: T0 * 1000,
+    }
+}
+
+#[test]
+fn pg_one_accounts_writes_share_one_transaction_and_a_failing_job_fails_alone() {
+    use dialtone_credits::pg::WriterStats as PgStats;
+    use dialtone_credits::store::{HoldOutcome, SettleOutcome};
+    use sqlx::Connection as _;
+
+    let Some(backend) = pg_backend() else { return };
+    backend.open().create_account("acct", 1000, T0).unwrap();
+    let url = backend.shared();
+    let rt = runtime();
+    rt.block_on(async {
+        let handle = Db::open(&url, &DbOptions::default()).await.unwrap();
+        // A hold made before the batch, captured inside it (its queue is
+        // found from the hold's account).
+        let HoldOutcome::Held(earlier) = handle.write(hold("earlier")).await.unwrap() else {
+            panic!("hold refused")
+        };
+        let before = handle.pg_writer_stats().unwrap();
+
+        let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT balance FROM accounts WHERE id = 'acct' FOR UPDATE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let h = handle.clone();
+        let first = tokio::spawn(async move { h.write(debit("first")).await });
+        let wait_jobs = |n: u64| {
+            let h = handle.clone();
+            move || h.pg_writer_stats().unwrap().jobs == before.jobs + n
+        };
+        let took_first = wait_jobs(1);
+        tokio::task::spawn_blocking(move || {
+            eventually(
+                Duration::from_secs(30),
+                "the writer to take the first job",
+                took_first,
+            );
+        })
+        .await
+        .unwrap();
+
+        let mut jobs = Vec::new();
+        for i in 0..50 {
+            let h = handle.clone();
+            jobs.push(tokio::spawn(async move {
+                h.write(debit(&format!("d-{i}"))).await
+            }));
+        }
+        let h = handle.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(30), "50 debits to queue", || {
+                h.pg_queued() == Some(50)
+            });
+        })
+        .await
+        .unwrap();
+        // The same key again, queued behind its twin: answered from the row
+        // the twin wrote earlier in the same transaction.
+        let h = handle.clone();
+        let replay = tokio::spawn(async move { h.write(debit("d-7")).await });
+        // Refused by the rules (amount 0) after its savepoint: rolled back
+        // alone.
+        let h = handle.clone();
+        let invalid = tokio::spawn(async move {
+            let mut bad = debit("bad");
+            bad.req.amount = 0;
+            h.write(bad).await
+        });
+        let h = handle.clone();
+        let new_hold = tokio::spawn(async move { h.write(hold("in-batch")).await });
+        let h = handle.clone();
+        let hold_id = earlier.hold_id.clone();
+        let capture = tokio::spawn(async move {
+            h.write(rules::Settle {
+                hold_id,
+                release: None,
+                now: T0,
+            })
+            .await
+        });
+        let h = handle.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(30), "54 jobs to queue", || {
+                h.pg_queued() == Some(54)
+            });
+        })
+        .await
+        .unwrap();
+        sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+
+        assert!(matches!(
+            first.await.unwrap(),
+            Ok(DebitOutcome::Charged {
+                replayed: false,
+                ..
+            })
+        ));
+        for j in jobs {
+            assert!(matches!(
+                j.await.unwrap(),
+                Ok(DebitOutcome::Charged {
+                    replayed: false,
+                    ..
+                })
+            ));
+        }
+        assert!(matches!(
+            replay.await.unwrap(),
+            Ok(DebitOutcome::Charged { replayed: true, .. })
+        ));
+        let err = invalid.await.unwrap().unwrap_err();
+        assert!(
+            !err.is_unavailable(),
+            "its own error, not the batch's: {err}"
+        );
+        assert!(matches!(new_hold.await.unwrap(), Ok(HoldOutcome::Held(_))));
+        assert!(matches!(
+            capture.await.unwrap(),
+            Ok(SettleOutcome::Settled(_))
+        ));
+        assert_eq!(
+            handle.pg_writer_stats().unwrap(),
+            PgStats {
+                commits: before.commits + 2,
+                failed_batches: 0,
+                jobs: before.jobs + 55,
+                alone: 0,
+            }
+        );
+        handle.close().await;
+    });
+    let mut store = backend.open();
+    // 51 debits of 1, the earlier hold captured (2), the new one held (2:
+    // out of the balance, counted in `held` until it is settled).
+    let view = store.account_summary("acct", T0).unwrap().unwrap();
+    assert_eq!((view.balance, view.held), (1000 - 51 - 2 - 2, 2));
+    ledger_fingerprint(&mut store);
+}
+
+#[test]
+fn pg_two_handles_batching_one_account_never_overdraw() {
+    let Some(backend) = pg_backend() else { return };
+    backend.open().create_account("acct", 50, T0).unwrap();
+    let url = backend.shared();
+    let rt = runtime();
+    let charged = rt.block_on(async {
+        // Two handles: two processes' pools and writers on one database.
+        let a = Db::open(&url, &DbOptions::default()).await.unwrap();
+        let b = Db::open(&url, &DbOptions::default()).await.unwrap();
+        let mut jobs = Vec::new();
+        for i in 0..200 {
+            let h = if i % 2 == 0 { a.clone() } else { b.clone() };
+            jobs.push(tokio::spawn(async move {
+                h.write(debit(&format!("n-{i}"))).await
+            }));
+        }
+        let mut charged = 0;
+        for j in jobs {
+            match j.await.unwrap().unwrap() {
+                DebitOutcome::Charged {
+                    replayed: false, ..
+                } => charged += 1,
+                DebitOutcome::Insufficient { required: 1, .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let stats = (a.pg_writer_stats().unwrap(), b.pg_writer_stats().unwrap());
+        assert_eq!(stats.0.failed_batches + stats.1.failed_batches, 0);
+        a.close().await;
+        b.close().await;
+        charged
+    });
+    assert_eq!(charged, 50);
+    let mut store = backend.open();
+    assert_eq!(store.balance("acct").unwrap(), Some(0));
+    ledger_fingerprint(&mut store);
 }

@@ -102,6 +102,7 @@ pub async fn debit<S: Sql>(
 job!(
     /// [`debit`].
     Debit { req: DebitRequest, rate: Option<RateLimit>, now_ms: i64 } -> DebitOutcome,
+    batch_by |j| crate::rules::BatchKey::Account(&j.req.account),
     |j, tx| debit(tx, &j.req, j.rate.as_ref(), j.now_ms).await
 );
 

@@ -164,6 +164,7 @@ pub async fn create_hold<S: Sql>(
 job!(
     /// [`create_hold`].
     CreateHold { req: HoldRequest, rate: Option<RateLimit>, now_ms: i64 } -> HoldOutcome,
+    batch_by |j| crate::rules::BatchKey::Account(&j.req.account),
     |j, tx| create_hold(tx, &j.req, j.rate.as_ref(), j.now_ms).await
 );
 
@@ -261,6 +262,7 @@ pub async fn settle<S: Sql>(
 job!(
     /// [`settle`]: capture (`release: None`) or release.
     Settle { hold_id: String, release: Option<ReleaseReason>, now: i64 } -> SettleOutcome,
+    batch_by |j| crate::rules::BatchKey::Hold(&j.hold_id),
     |j, tx| settle(tx, &j.hold_id, j.release, j.now).await
 );
 

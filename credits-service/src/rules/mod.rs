@@ -26,10 +26,48 @@ use std::future::Future;
 pub trait Job: Send + Sync {
     type Out: Send + 'static;
     fn run<S: Sql>(&self, tx: &mut S) -> impl Future<Output = Result<Self::Out>> + Send;
+
+    /// The account whose row this write locks, so PostgreSQL's group commit
+    /// can put it in one transaction with other writes ([`crate::pg`]).
+    /// [`BatchKey::Alone`] (the default): its own transaction.
+    fn batch_key(&self) -> BatchKey<'_> {
+        BatchKey::Alone
+    }
+}
+
+/// What a write job locks, for PostgreSQL's group commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKey<'a> {
+    /// Runs in a transaction of its own.
+    Alone,
+    /// Locks this account's row (and touches only that account's rows).
+    Account(&'a str),
+    /// Locks the row of the account that owns this hold.
+    Hold(&'a str),
 }
 
 /// Declare a job: a struct with public fields and its `run` body.
 macro_rules! job {
+    ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, batch_by |$bthis:ident| $key:expr, |$this:ident, $tx:ident| $body:expr) => {
+        $(#[$m])*
+        #[derive(Debug, Clone)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl $crate::rules::Job for $name {
+            type Out = $out;
+            #[allow(clippy::redundant_async_block)]
+            fn run<S: $crate::db::Sql>(
+                &self,
+                $tx: &mut S,
+            ) -> impl ::std::future::Future<Output = $crate::store::Result<$out>> + Send {
+                let $this = self;
+                async move { $body }
+            }
+            fn batch_key(&self) -> $crate::rules::BatchKey<'_> {
+                let $bthis = self;
+                $key
+            }
+        }
+    };
     ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, |$this:ident, $tx:ident| $body:expr) => {
         $(#[$m])*
         #[derive(Debug, Clone)]
