@@ -134,7 +134,7 @@ fuzz-regress:
 EMPTY_WASM := target/$(WASM_TARGET)/wasm-release/dialtone_bench_empty_filter.wasm
 # Under a throwaway PostgreSQL (scripts/with-postgres.sh), so D4p runs too.
 bench: bench-build
-	PG_FSYNC=on scripts/with-postgres.sh target/pg-bench 55433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
+	PG_FSYNC=on scripts/with-postgres.sh target/pg-bench 15433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
 
 # Every bench variant for 1 s, in `make test`: proves each configuration
 # still serves only 2xx (the numbers of so short a run mean nothing). No
@@ -158,7 +158,11 @@ package: build
 # service's store suite, and the Envoy suite with two Envoys in front of two
 # service instances on one database.
 PG_DIR  := target/pg
-PG_PORT := 55432
+# Below the kernel's ephemeral range (32768-60999) and devstack's free_port
+# range (20000-32767): a port in the ephemeral range can be held by any
+# outgoing connection when the server binds it (a CI run failed so, after the
+# x402 suite's many connections).
+PG_PORT := 15432
 pg: build envoy
 	scripts/with-postgres.sh $(PG_DIR) $(PG_PORT) sh -c '$(CARGO) test -p dialtone-credits && DIALTONE_E2E_BACKEND=postgres $(CARGO) test -p dialtone-e2e --test credits'
 

@@ -9,7 +9,7 @@
 #
 # The server listens on loopback only and trusts local connections (no
 # password): it is for development and tests, never for production.
-#   DIALTONE_TEST_PG_URL=$(scripts/postgres.sh start target/pg 55432) cargo test -p dialtone-credits
+#   DIALTONE_TEST_PG_URL=$(scripts/postgres.sh start target/pg 15432) cargo test -p dialtone-credits
 # PG_FSYNC=on makes commits durable (make bench measures that); tests keep
 # the default fsync=off, which is faster and loses nothing they check.
 set -euo pipefail

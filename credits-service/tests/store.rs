@@ -569,7 +569,7 @@ fn postgres_is_configured_when_required() {
     if std::env::var(common::PG_REQUIRED_ENV).as_deref() == Ok("1") {
         let url = common::pg_url().unwrap_or_else(|| {
             panic!(
-                "{}=1 but {} is unset: start one with `scripts/postgres.sh start target/pg 55432`",
+                "{}=1 but {} is unset: start one with `scripts/postgres.sh start target/pg 15432`",
                 common::PG_REQUIRED_ENV,
                 common::PG_URL_ENV
             )

@@ -106,7 +106,7 @@ pub fn post(url: &str, body: &str) -> Resp {
 
 /// Env var naming a PostgreSQL server for the tests (a database URL the
 /// tests may `CREATE DATABASE` with), e.g.
-/// `postgres://postgres@127.0.0.1:55432/dialtone` (`scripts/postgres.sh url`).
+/// `postgres://postgres@127.0.0.1:15432/dialtone` (`scripts/postgres.sh url`).
 pub const PG_URL_ENV: &str = "DIALTONE_TEST_PG_URL";
 /// When `1`, a missing PG URL is a test failure rather than a skip.
 pub const PG_REQUIRED_ENV: &str = "DIALTONE_TEST_PG_REQUIRED";
