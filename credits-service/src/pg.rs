@@ -54,7 +54,7 @@
 
 use crate::db::PgConn;
 use crate::rules::{BatchKey, Job};
-use crate::store::{Result, StoreError};
+use crate::store::{batch_answer, Result, StoreError};
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
@@ -274,14 +274,14 @@ impl PgDb {
             BatchKey::Account(a) => Some(a.to_string()),
             // The hold's account never changes: read it outside the
             // transaction to know which queue the capture belongs in. An
-            // unknown hold runs alone (and is answered "not found").
+            // unknown hold runs alone (and is answered "not found"); a
+            // database that does not answer is answered at once (503), not
+            // waited for a second time.
             BatchKey::Hold(id) => {
                 sqlx::query_scalar::<_, String>("SELECT account FROM holds WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&self.pool)
-                    .await
-                    .ok()
-                    .flatten()
+                    .await?
             }
         };
         let sender = account.as_deref().and_then(|a| {
@@ -300,7 +300,7 @@ impl PgDb {
         };
         let (reply, answer) = oneshot::channel();
         let pending = Box::new(PendingJob {
-            job: Arc::new(job),
+            job,
             account,
             result: None,
             reply,
@@ -436,7 +436,7 @@ trait Pending: Send {
 }
 
 struct PendingJob<J: Job> {
-    job: Arc<J>,
+    job: J,
     account: String,
     result: Option<Result<J::Out>>,
     reply: oneshot::Sender<Result<J::Out>>,
@@ -461,19 +461,14 @@ impl<J: Job + 'static> Pending for PendingJob<J> {
     }
 
     fn finish(self: Box<Self>, batch_error: Option<&str>) {
-        let result = match (batch_error, self.result) {
-            (Some(e), _) => Err(StoreError::Unavailable(e.to_string())),
-            (None, Some(r)) => r,
-            (None, None) => Err(StoreError::Corrupt("write job was never run".into())),
-        };
         // The caller may have gone away (its request was cancelled): the
         // write stands, like any idempotent request whose answer was lost.
-        let _ = self.reply.send(result);
+        let _ = self.reply.send(batch_answer(batch_error, self.result));
     }
 
     fn run_alone(self: Box<Self>, pool: PgPool) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let result = write_alone(&pool, &*self.job).await;
+            let result = write_alone(&pool, &self.job).await;
             let _ = self.reply.send(result);
         })
     }

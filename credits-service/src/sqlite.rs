@@ -277,14 +277,9 @@ impl<J: Job> Pending for PendingJob<J> {
     }
 
     fn finish(self: Box<Self>, batch_error: Option<&str>) {
-        let result = match (batch_error, self.result) {
-            (Some(e), _) => Err(StoreError::Unavailable(e.to_string())),
-            (None, Some(r)) => r,
-            (None, None) => Err(StoreError::Corrupt("write job was never run".into())),
-        };
         // The caller may have gone away (its request was cancelled): the
         // write stands, like any idempotent request whose answer was lost.
-        let _ = self.reply.send(result);
+        let _ = self.reply.send(crate::store::batch_answer(batch_error, self.result));
     }
 }
 

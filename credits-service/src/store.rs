@@ -575,6 +575,16 @@ pub fn validate_account_id(account: &str) -> Result<()> {
 }
 
 /// The checks every charge (debit or hold) makes on its request.
+/// A group-committed job's answer (both backends' writers): the batch's
+/// failure if its transaction failed, else the job's own result.
+pub(crate) fn batch_answer<T>(batch_error: Option<&str>, result: Option<Result<T>>) -> Result<T> {
+    match (batch_error, result) {
+        (Some(e), _) => Err(StoreError::Unavailable(e.to_string())),
+        (None, Some(r)) => r,
+        (None, None) => Err(StoreError::Corrupt("write job was never run".into())),
+    }
+}
+
 pub(crate) fn validate_charge(
     account: &str,
     amount: i64,

@@ -240,6 +240,13 @@ fn pg_backend() -> Option<common::TestBackend> {
     }
 }
 
+/// [`eventually`] from async code (off the runtime's threads).
+async fn wait_for(what: &'static str, f: impl FnMut() -> bool + Send + 'static) {
+    tokio::task::spawn_blocking(move || eventually(Duration::from_secs(30), what, f))
+        .await
+        .unwrap();
+}
+
 fn hold(key: &str) -> rules::CreateHold {
     rules::CreateHold {
         req: dialtone_credits::store::HoldRequest {
@@ -281,20 +288,11 @@ fn pg_one_accounts_writes_share_one_transaction_and_a_failing_job_fails_alone() 
             .unwrap();
         let h = handle.clone();
         let first = tokio::spawn(async move { h.write(debit("first")).await });
-        let wait_jobs = |n: u64| {
-            let h = handle.clone();
-            move || h.pg_writer_stats().unwrap().jobs == before.jobs + n
-        };
-        let took_first = wait_jobs(1);
-        tokio::task::spawn_blocking(move || {
-            eventually(
-                Duration::from_secs(30),
-                "the writer to take the first job",
-                took_first,
-            );
+        let h = handle.clone();
+        wait_for("the writer to take the first job", move || {
+            h.pg_writer_stats().unwrap().jobs == before.jobs + 1
         })
-        .await
-        .unwrap();
+        .await;
 
         let mut jobs = Vec::new();
         for i in 0..50 {
@@ -304,13 +302,7 @@ fn pg_one_accounts_writes_share_one_transaction_and_a_failing_job_fails_alone() 
             }));
         }
         let h = handle.clone();
-        tokio::task::spawn_blocking(move || {
-            eventually(Duration::from_secs(30), "50 debits to queue", || {
-                h.pg_queued() == Some(50)
-            });
-        })
-        .await
-        .unwrap();
+        wait_for("50 debits to queue", move || h.pg_queued() == Some(50)).await;
         // The same key again, queued behind its twin: answered from the row
         // the twin wrote earlier in the same transaction.
         let h = handle.clone();
@@ -336,13 +328,7 @@ fn pg_one_accounts_writes_share_one_transaction_and_a_failing_job_fails_alone() 
             .await
         });
         let h = handle.clone();
-        tokio::task::spawn_blocking(move || {
-            eventually(Duration::from_secs(30), "54 jobs to queue", || {
-                h.pg_queued() == Some(54)
-            });
-        })
-        .await
-        .unwrap();
+        wait_for("54 jobs to queue", move || h.pg_queued() == Some(54)).await;
         sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
 
         assert!(matches!(

@@ -68,21 +68,13 @@ macro_rules! job {
             }
         }
     };
+    // No `batch_by`: the job runs in a transaction of its own.
     ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, |$this:ident, $tx:ident| $body:expr) => {
-        $(#[$m])*
-        #[derive(Debug, Clone)]
-        pub struct $name { $(pub $field: $ty),* }
-        impl $crate::rules::Job for $name {
-            type Out = $out;
-            #[allow(clippy::redundant_async_block)]
-            fn run<S: $crate::db::Sql>(
-                &self,
-                $tx: &mut S,
-            ) -> impl ::std::future::Future<Output = $crate::store::Result<$out>> + Send {
-                let $this = self;
-                async move { $body }
-            }
-        }
+        job!(
+            $(#[$m])* $name { $($field : $ty),* } -> $out,
+            batch_by |_j| $crate::rules::BatchKey::Alone,
+            |$this, $tx| $body
+        );
     };
 }
 
