@@ -20,7 +20,7 @@ WASM_OPT_FLAGS := -O3 --strip-debug --strip-producers --enable-bulk-memory --ena
 WASM_MAX_BYTES := 524288
 PYTHON        ?= python3
 
-.PHONY: run test bench bench-smoke bench-build build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package fuzz fuzz-regress clean size size-check
+.PHONY: run test bench bench-smoke bench-build instructions build wasm envoy wasm-target lint unit harness cases policy-check deploy-check e2e pg package fuzz fuzz-regress clean size size-check
 
 # Only what the local stack runs: the filter, Envoy, the devstack and the
 # key/credits service it starts (not the harness's wasmtime, nor the policy tool).
@@ -133,14 +133,20 @@ fuzz-regress:
 # tables, writes target/bench/results.json.
 EMPTY_WASM := target/$(WASM_TARGET)/wasm-release/dialtone_bench_empty_filter.wasm
 # Under a throwaway PostgreSQL (scripts/with-postgres.sh), so D4p runs too.
-bench: bench-build
+bench: bench-build instructions
 	PG_FSYNC=on scripts/with-postgres.sh target/pg-bench 15433 sh -c 'BENCH_PG_URL=$$DIALTONE_TEST_PG_URL ./target/release/dialtone-bench'
 
 # Every bench variant for 1 s, in `make test`: proves each configuration
 # still serves only 2xx (the numbers of so short a run mean nothing). No
 # PostgreSQL here: D4p and the service-alone rows S2*/S3* say "not measured".
-bench-smoke: bench-build
+bench-smoke: bench-build instructions
 	BENCH_SECONDS=1 BENCH_WARMUP_SECONDS=1 BENCH_RESULTS=target/bench/smoke.json ./target/release/dialtone-bench
+
+# WebAssembly instructions per request (harness/examples/instructions.rs):
+# the filter's own cost, the same number on every run. Compare builds with
+# `make instructions OLD_WASM=/path/to/other.wasm`.
+instructions: build
+	$(CARGO) run --release -q -p dialtone-harness --example instructions -- $(WASM) $(OLD_WASM)
 
 bench-build: build envoy $(WASM_OPT)
 	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)

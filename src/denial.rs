@@ -1,7 +1,8 @@
 //! Every refusal the filter writes itself, and the one function that turns a
 //! refusal into status + JSON body + headers.
 
-use base64ct::{Base64, Encoding};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::bearer::{BearerError, ClassifyError};
@@ -181,7 +182,7 @@ impl Denial {
                     "resource": resource,
                     "accepts": accepts,
                 });
-                headers.push(("payment-required", Base64::encode_string(required.to_string().as_bytes())));
+                headers.push(("payment-required", STANDARD.encode(required.to_string())));
                 headers.push(("cache-control", "no-store".into()));
                 let mut body = json!({
                     "success": false,

@@ -13,7 +13,8 @@
 //! `{success, errorReason?, transaction, network, payer?}`; its reasons are
 //! opaque strings.
 
-use base64ct::{Base64, Encoding};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use crate::credits_api::CallOutcome;
@@ -108,7 +109,7 @@ pub fn parse_payment(values: &[&[u8]], accepts: &[X402Accept], max_bytes: usize)
     }
     let raw = raw.trim_ascii();
     let text = std::str::from_utf8(raw).map_err(|_| PaymentError::Base64)?;
-    let json = Base64::decode_vec(text).map_err(|_| PaymentError::Base64)?;
+    let json = STANDARD.decode(text).map_err(|_| PaymentError::Base64)?;
     let payload = json_object(&json).ok_or(PaymentError::Json)?;
     if payload.get("x402Version").and_then(Value::as_u64) != Some(2) || !payload.get("x402Version").is_some_and(Value::is_u64) {
         return Err(PaymentError::Version);
@@ -331,7 +332,7 @@ pub fn parse_settle(outcome: CallOutcome, network: &str) -> Result<Settlement, F
             if let (Some(p), Some(obj)) = (&payer, receipt.as_object_mut()) {
                 obj.insert("payer".into(), Value::String(p.clone()));
             }
-            Ok(Settlement::Settled { transaction, network: network.to_owned(), payer, header: Base64::encode_string(receipt.to_string().as_bytes()) })
+            Ok(Settlement::Settled { transaction, network: network.to_owned(), payer, header: STANDARD.encode(receipt.to_string()) })
         }
         Some(Value::Bool(false)) => {
             let reason = opaque(m.get("errorReason"));
@@ -339,7 +340,7 @@ pub fn parse_settle(outcome: CallOutcome, network: &str) -> Result<Settlement, F
             if let (Some(tx), Some(obj)) = (header_value(m.get("transaction")), receipt.as_object_mut()) {
                 obj.insert("transaction".into(), Value::String(tx));
             }
-            Ok(Settlement::Failed { reason, header: Base64::encode_string(receipt.to_string().as_bytes()) })
+            Ok(Settlement::Failed { reason, header: STANDARD.encode(receipt.to_string()) })
         }
         _ => Err(FacilitatorError::Garbage),
     }
