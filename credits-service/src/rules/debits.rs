@@ -5,7 +5,7 @@ use super::limits::rate_take;
 use super::lock_and_expire;
 use crate::db::Sql;
 use crate::store::{
-    validate_charge, DebitOutcome, DebitRecord, DebitRequest, RateDecision, RateLimit, Result,
+    validate_charge, AccountSummary, DebitOutcome, DebitRecord, DebitRequest, RateDecision, RateLimit, Result,
 };
 use crate::vals;
 
@@ -28,6 +28,18 @@ pub async fn debit<S: Sql>(
     // The lock is taken here, before the balance is read, so no other
     // connection can change it between our check and our update.
     let cur = lock_and_expire(tx, &req.account, now).await?;
+    // The usual case in one round trip: no rate limit, enough credits, a
+    // new key. The insert is the idempotency check (the key is the primary
+    // key): when it inserts nothing, a charge with this key exists and the
+    // path below replays it (or calls it a conflict) as before.
+    if rate.is_none() {
+        if let Some(cur) = cur.filter(|c| c.balance >= req.amount) {
+            let balance_after = cur.balance - req.amount;
+            if insert_debit(tx, req, balance_after, now, true).await? == 1 {
+                return charged(tx, req, cur, balance_after, now).await;
+            }
+        }
+    }
     if let Some(prior) = tx
         .row(
             "SELECT account, amount, balance_after FROM debits WHERE idempotency_key = $1",
@@ -66,9 +78,28 @@ pub async fn debit<S: Sql>(
         });
     };
     let balance_after = balance - req.amount;
-    tx.exec(
+    insert_debit(tx, req, balance_after, now, false).await?;
+    charged(tx, req, cur, balance_after, now).await
+}
+
+/// The debit's own row; with `if_new`, nothing (0) when its idempotency key
+/// is taken.
+async fn insert_debit<S: Sql>(
+    tx: &mut S,
+    req: &DebitRequest,
+    balance_after: i64,
+    now: i64,
+    if_new: bool,
+) -> Result<u64> {
+    let sql = if if_new {
         "INSERT INTO debits (idempotency_key, account, amount, balance_after, route, key_prefix, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING"
+    } else {
+        "INSERT INTO debits (idempotency_key, account, amount, balance_after, route, key_prefix, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    };
+    tx.exec(
+        sql,
         &vals![
             &req.idempotency_key,
             &req.account,
@@ -79,7 +110,17 @@ pub async fn debit<S: Sql>(
             now
         ],
     )
-    .await?;
+    .await
+}
+
+/// The balance change and ledger row of a debit whose row is written.
+async fn charged<S: Sql>(
+    tx: &mut S,
+    req: &DebitRequest,
+    cur: AccountSummary,
+    balance_after: i64,
+    now: i64,
+) -> Result<DebitOutcome> {
     apply(
         tx,
         cur,

@@ -1,7 +1,7 @@
 //! The ledger: the kinds of balance change, applying and recording one, the
 //! ledger reads, and the consistency check over accounts, holds and debits.
 
-use crate::db::Sql;
+use crate::db::{Dialect, Sql};
 use crate::store::{
     ledger_from_row, AccountSummary, CheckReport, LedgerEntry, Result, StoreError, LEDGER_COLUMNS,
     MAX_LEDGER_LIMIT,
@@ -96,30 +96,52 @@ pub(super) async fn apply<S: Sql>(
             e.account
         )));
     }
-    tx.exec(
-        "UPDATE accounts SET balance = $2, held = $3 WHERE id = $1",
-        &vals![e.account, balance, held],
-    )
-    .await?;
-    tx.exec(
-        "INSERT INTO ledger (account, kind, delta_available, delta_held, amount, hold_id, \
-         idempotency_key, route, key_prefix, note, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        &vals![
-            e.account,
-            e.kind.as_str(),
-            da,
-            dh,
-            e.amount,
-            e.hold_id,
-            e.idempotency_key,
-            e.route,
-            e.key_prefix,
-            e.note,
-            e.created_at
-        ],
-    )
-    .await?;
+    let values = vals![
+        e.account,
+        balance,
+        held,
+        e.kind.as_str(),
+        da,
+        dh,
+        e.amount,
+        e.hold_id,
+        e.idempotency_key,
+        e.route,
+        e.key_prefix,
+        e.note,
+        e.created_at
+    ];
+    match tx.dialect() {
+        // One round trip: the account's update and its ledger row in one
+        // statement (a data-modifying CTE). Paid requests on one busy
+        // account run one after another under its row lock, so each round
+        // trip inside that lock bounds the account's requests per second.
+        Dialect::Postgres => {
+            tx.exec(
+                "WITH changed AS (UPDATE accounts SET balance = $2, held = $3 WHERE id = $1 RETURNING id) \
+                 INSERT INTO ledger (account, kind, delta_available, delta_held, amount, hold_id, \
+                 idempotency_key, route, key_prefix, note, created_at) \
+                 SELECT id, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 FROM changed",
+                &values,
+            )
+            .await?;
+        }
+        // SQLite has no data-modifying CTEs; its statements are in-process.
+        Dialect::Sqlite => {
+            tx.exec(
+                "UPDATE accounts SET balance = $2, held = $3 WHERE id = $1",
+                &values[..3],
+            )
+            .await?;
+            tx.exec(
+                "INSERT INTO ledger (account, kind, delta_available, delta_held, amount, hold_id, \
+                 idempotency_key, route, key_prefix, note, created_at) \
+                 VALUES ($1, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                &values,
+            )
+            .await?;
+        }
+    }
     Ok(AccountSummary { balance, held })
 }
 
