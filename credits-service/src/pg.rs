@@ -30,6 +30,14 @@
 //!   stay. One `COMMIT`, one WAL flush and one row lock per account per
 //!   batch; then every job gets its answer. Each job's rules see the jobs
 //!   before it in the batch, so idempotency and balances are unchanged.
+//! - Consecutive debits of one account (no rate limit) run fused, as one
+//!   job: [`rules::debit_many`] answers each as it would be answered alone,
+//!   in a fixed number of statements for all of them (lock, idempotency
+//!   read, one insert, one update with the ledger rows). A paid request on a
+//!   busy account otherwise waits behind every round trip of the debits
+//!   before it, inside the account's row lock. If the fused statements fail,
+//!   the group is rolled back to its savepoint and its debits run one by
+//!   one.
 //! - A job that hits a retryable failure (deadlock, serialization, a racing
 //!   insert of the same unique key) rolls the whole batch back and the batch
 //!   runs again; after [`BATCH_ATTEMPTS`] tries each of its jobs runs alone,
@@ -53,11 +61,12 @@
 //! table is kept up to date for old binaries, which refuse newer schemas.
 
 use crate::db::PgConn;
-use crate::rules::{BatchKey, Job};
-use crate::store::{batch_answer, Result, StoreError};
+use crate::rules::{self, BatchKey, Job};
+use crate::store::{batch_answer, DebitOutcome, DebitRequest, Result, StoreError};
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
+use std::any::Any;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -143,6 +152,9 @@ pub struct WriterStats {
     pub jobs: u64,
     /// Jobs that ran alone after their batch kept colliding.
     pub alone: u64,
+    /// Debits that ran fused with their neighbours ([`rules::debit_many`];
+    /// counted again when a batch is re-run).
+    pub fused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -151,6 +163,7 @@ struct Counters {
     failed_batches: AtomicU64,
     jobs: AtomicU64,
     alone: AtomicU64,
+    fused: AtomicU64,
 }
 
 impl PgDb {
@@ -330,6 +343,7 @@ impl PgDb {
             failed_batches: c.failed_batches.load(Ordering::Acquire),
             jobs: c.jobs.load(Ordering::Acquire),
             alone: c.alone.load(Ordering::Acquire),
+            fused: c.fused.load(Ordering::Acquire),
         }
     }
 
@@ -433,6 +447,11 @@ trait Pending: Send {
     /// Run in a transaction of its own (after the batch kept failing) and
     /// answer.
     fn run_alone(self: Box<Self>, pool: PgPool) -> BoxFuture<'static, ()>;
+    /// This job as a debit that may run fused with the debits next to it
+    /// ([`rules::debit_many`]): one with no rate limit, and its clock.
+    fn fusable_debit(&self) -> Option<(&DebitRequest, i64)>;
+    /// A fused debit's answer.
+    fn set_debit_result(&mut self, result: Result<DebitOutcome>);
 }
 
 struct PendingJob<J: Job> {
@@ -472,6 +491,60 @@ impl<J: Job + 'static> Pending for PendingJob<J> {
             let _ = self.reply.send(result);
         })
     }
+
+    fn fusable_debit(&self) -> Option<(&DebitRequest, i64)> {
+        let debit = (&self.job as &dyn Any).downcast_ref::<rules::Debit>()?;
+        debit.rate.is_none().then_some((&debit.req, debit.now_ms))
+    }
+
+    fn set_debit_result(&mut self, result: Result<DebitOutcome>) {
+        if let Some(slot) = (&mut self.result as &mut dyn Any).downcast_mut::<Option<Result<DebitOutcome>>>() {
+            *slot = Some(result);
+        }
+    }
+}
+
+/// Where the run of debits that can be fused with `batch[start]` ends
+/// (exclusive): consecutive debits of one account, none rate-limited.
+/// `start + 1` when there is nothing to fuse.
+fn fused_end(batch: &[Box<dyn Pending>], start: usize) -> usize {
+    let Some(first) = batch.get(start).filter(|j| j.fusable_debit().is_some()) else {
+        return start + 1;
+    };
+    let account = first.account();
+    start
+        + batch
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|j| j.fusable_debit().is_some() && j.account() == account)
+            .count()
+}
+
+/// A run of debits of one account through [`rules::debit_many`]: a fixed
+/// number of statements for all of them. `Ran::Failed`: a database error
+/// (the caller rolls the group back and runs its jobs one by one).
+async fn run_fused(conn: &mut sqlx::PgConnection, group: &mut [Box<dyn Pending>]) -> Ran {
+    let reqs: Vec<(DebitRequest, i64)> =
+        group.iter().filter_map(|j| j.fusable_debit().map(|(r, now)| (r.clone(), now))).collect();
+    let (Some((first, _)), true) = (reqs.first(), reqs.len() == group.len()) else {
+        return Ran::Failed;
+    };
+    let account = first.account.clone();
+    let refs: Vec<(&DebitRequest, i64)> = reqs.iter().map(|(r, now)| (r, *now)).collect();
+    match rules::debit_many(&mut PgConn::new(conn), &account, &refs).await {
+        Ok(outcomes) => {
+            for (job, outcome) in group.iter_mut().zip(outcomes) {
+                job.set_debit_result(outcome);
+            }
+            Ran::Ok
+        }
+        Err(e) if e.is_retryable() => Ran::Retry,
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = group.len(), "fused debits failed; running them one by one");
+            Ran::Failed
+        }
+    }
 }
 
 /// A writer: batch what is queued, commit once, answer; until every sender
@@ -505,7 +578,7 @@ async fn commit_batch(pool: &PgPool, mut batch: Vec<Box<dyn Pending>>, counters:
         counters
             .jobs
             .fetch_add(u64::try_from(size).unwrap_or(u64::MAX), Ordering::AcqRel);
-        match run_batch(pool, &mut batch).await {
+        match run_batch(pool, &mut batch, counters).await {
             Ok(true) => {
                 counters.commits.fetch_add(1, Ordering::AcqRel);
                 crate::metrics::group_commit(size, started.elapsed(), true);
@@ -540,7 +613,7 @@ async fn commit_batch(pool: &PgPool, mut batch: Vec<Box<dyn Pending>>, counters:
 
 /// One transaction, one savepoint per job, one commit. `Ok(false)`: a job
 /// hit a retryable failure and the transaction was rolled back.
-async fn run_batch(pool: &PgPool, batch: &mut [Box<dyn Pending>]) -> Result<bool> {
+async fn run_batch(pool: &PgPool, batch: &mut [Box<dyn Pending>], counters: &Counters) -> Result<bool> {
     let mut tx = begin(pool, WRITE_BEGIN).await?;
     if let [only] = batch {
         // Alone in its batch: no savepoint; its failure rolls back.
@@ -551,20 +624,42 @@ async fn run_batch(pool: &PgPool, batch: &mut [Box<dyn Pending>]) -> Result<bool
         };
     }
     simple(&mut tx, "SAVEPOINT job").await?;
-    let last = batch.len().saturating_sub(1);
-    for (i, job) in batch.iter_mut().enumerate() {
-        match job.run(&mut tx).await {
-            Ran::Ok if i < last => {
-                // One round trip: keep this job's work, open the next one's.
-                simple(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job").await?;
+    let len = batch.len();
+    let mut start = 0;
+    while start < len {
+        // Consecutive debits of one account run fused, as one job here.
+        let end = fused_end(batch, start).min(len);
+        if end - start >= 2 {
+            match run_fused(&mut tx, batch.get_mut(start..end).unwrap_or_default()).await {
+                Ran::Ok => {
+                    counters.fused.fetch_add(u64::try_from(end - start).unwrap_or(u64::MAX), Ordering::AcqRel);
+                    if end < len {
+                        simple(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job").await?;
+                    }
+                    start = end;
+                    continue;
+                }
+                Ran::Retry => return Ok(false),
+                // Undo the group; its jobs run one by one below.
+                Ran::Failed => simple(&mut tx, "ROLLBACK TO SAVEPOINT job").await?,
             }
-            Ran::Ok => {}
-            // The savepoint stays, now marking where the next job starts.
-            Ran::Failed => {
-                simple(&mut tx, "ROLLBACK TO SAVEPOINT job").await?;
-            }
-            Ran::Retry => return Ok(false),
         }
+        for i in start..end.max(start + 1) {
+            let Some(job) = batch.get_mut(i) else { break };
+            match job.run(&mut tx).await {
+                Ran::Ok if i + 1 < len => {
+                    // One round trip: keep this job's work, open the next one's.
+                    simple(&mut tx, "RELEASE SAVEPOINT job; SAVEPOINT job").await?;
+                }
+                Ran::Ok => {}
+                // The savepoint stays, now marking where the next job starts.
+                Ran::Failed => {
+                    simple(&mut tx, "ROLLBACK TO SAVEPOINT job").await?;
+                }
+                Ran::Retry => return Ok(false),
+            }
+        }
+        start = end.max(start + 1);
     }
     tx.commit().await?;
     Ok(true)

@@ -368,6 +368,8 @@ fn pg_one_accounts_writes_share_one_transaction_and_a_failing_job_fails_alone() 
                 failed_batches: 0,
                 jobs: before.jobs + 55,
                 alone: 0,
+                // The 50 debits, the replay and the invalid one, in one go.
+                fused: before.fused + 52,
             }
         );
         handle.close().await;
@@ -417,4 +419,127 @@ fn pg_two_handles_batching_one_account_never_overdraw() {
     let mut store = backend.open();
     assert_eq!(store.balance("acct").unwrap(), Some(0));
     ledger_fingerprint(&mut store);
+}
+
+/// A batch's debits of one account run fused (`rules::debit_many`: a fixed
+/// number of statements for all of them); each still gets the answer it
+/// would get run alone after the ones before it: replays of a charge stored
+/// earlier and of one made earlier in the batch, a conflict, the last
+/// credits spent exactly, refusals with the balance they saw.
+#[test]
+fn pg_fused_debits_answer_as_one_by_one() {
+    use sqlx::Connection as _;
+
+    let Some(backend) = pg_backend() else { return };
+    backend.open().create_account("acct", 10, T0).unwrap();
+    let url = backend.shared();
+    let charge = |key: &str, amount: i64| {
+        let mut d = debit(key);
+        d.req.amount = amount;
+        d
+    };
+    let rt = runtime();
+    let answers = rt.block_on(async {
+        let handle = Db::open(&url, &DbOptions::default()).await.unwrap();
+        let stored = handle.write(charge("old", 1)).await.unwrap();
+        assert!(matches!(stored, DebitOutcome::Charged { balance: 9, .. }), "{stored:?}");
+        let before = handle.pg_writer_stats().unwrap();
+        let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT balance FROM accounts WHERE id = 'acct' FOR UPDATE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let h = handle.clone();
+        let first = tokio::spawn(async move { h.write(charge("first", 1)).await });
+        let h = handle.clone();
+        wait_for("the writer to take the first job", move || h.pg_writer_stats().unwrap().jobs == before.jobs + 1).await;
+        let queue = [("a", 3), ("old", 1), ("old", 2), ("b", 3), ("a", 3), ("c", 3), ("d", 2), ("e", 1)];
+        let mut jobs = Vec::new();
+        for (n, (key, amount)) in queue.into_iter().enumerate() {
+            let h = handle.clone();
+            jobs.push(tokio::spawn(async move { h.write(charge(key, amount)).await }));
+            let h = handle.clone();
+            // One at a time, so the batch keeps this order.
+            wait_for("the debit to queue", move || h.pg_queued() == Some(n + 1)).await;
+        }
+        sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+        let mut answers = vec![first.await.unwrap().unwrap()];
+        for j in jobs {
+            answers.push(j.await.unwrap().unwrap());
+        }
+        let stats = handle.pg_writer_stats().unwrap();
+        assert_eq!((stats.commits, stats.failed_batches, stats.alone), (before.commits + 2, 0, 0), "one batch after the first job");
+        assert_eq!(stats.fused, before.fused + 8, "the batch's 8 debits ran fused");
+        handle.close().await;
+        answers
+    });
+    let charged = |balance: i64, charged: i64, replayed: bool| DebitOutcome::Charged { account: "acct".into(), charged, balance, replayed };
+    assert_eq!(
+        answers,
+        vec![
+            charged(8, 1, false),                                   // first, alone
+            charged(5, 3, false),                                   // a
+            charged(9, 1, true),                                    // old: stored before
+            DebitOutcome::Conflict,                                 // old, another amount
+            charged(2, 3, false),                                   // b
+            charged(5, 3, true),                                    // a again: this batch's charge
+            DebitOutcome::Insufficient { balance: 2, required: 3 }, // c
+            charged(0, 2, false),                                   // d: the last credits
+            DebitOutcome::Insufficient { balance: 0, required: 1 }, // e
+        ]
+    );
+    let mut store = backend.open();
+    let view = store.account_summary("acct", T0).unwrap().unwrap();
+    assert_eq!((view.balance, view.held), (0, 0));
+    ledger_fingerprint(&mut store);
+}
+
+/// `rules::debit_many` itself, on each backend (SQLite's two statements for
+/// the balance and ledger rows, PostgreSQL's one): the same answers as one
+/// debit after another, a request that fails validation answered alone, and
+/// the ledger proves the balance.
+struct Fused(Vec<(DebitRequest, i64)>);
+
+impl rules::Job for Fused {
+    type Out = Vec<Result<DebitOutcome, String>>;
+    async fn run<S: dialtone_credits::db::Sql>(&self, tx: &mut S) -> dialtone_credits::store::Result<Self::Out> {
+        let reqs: Vec<(&DebitRequest, i64)> = self.0.iter().map(|(r, t)| (r, *t)).collect();
+        Ok(rules::debit_many(tx, "acct", &reqs).await?.into_iter().map(|r| r.map_err(|e| e.to_string())).collect())
+    }
+}
+
+#[test]
+fn debit_many_answers_as_one_by_one_on_each_backend() {
+    let mut backends = vec![common::TestBackend::sqlite()];
+    backends.extend(pg_backend());
+    for backend in backends {
+        backend.open().create_account("acct", 10, T0).unwrap();
+        let url = backend.shared();
+        let charge = |key: &str, amount: i64| {
+            let d = debit(key);
+            (DebitRequest { amount, ..d.req }, d.now_ms)
+        };
+        let answers = runtime().block_on(async {
+            let handle = Db::open(&url, &DbOptions::default()).await.unwrap();
+            handle.write(debit("old")).await.unwrap();
+            let mut bad = charge("bad", 1);
+            bad.0.amount = 0;
+            let answers = handle
+                .write(Fused(vec![charge("a", 3), charge("old", 1), charge("old", 2), bad, charge("a", 3), charge("b", 7), charge("c", 6)]))
+                .await
+                .unwrap();
+            handle.close().await;
+            answers
+        });
+        let charged = |balance: i64, charged: i64, replayed: bool| Ok(DebitOutcome::Charged { account: "acct".into(), charged, balance, replayed });
+        assert_eq!(answers[..3], [charged(6, 3, false), charged(9, 1, true), Ok(DebitOutcome::Conflict)]);
+        assert!(answers[3].as_ref().is_err_and(|e| e.contains("amount")), "{:?}", answers[3]);
+        assert_eq!(answers[4..], [charged(6, 3, true), Ok(DebitOutcome::Insufficient { balance: 6, required: 7 }), charged(0, 6, false)]);
+        let mut store = backend.open();
+        let view = store.account_summary("acct", T0).unwrap().unwrap();
+        assert_eq!((view.balance, view.held), (0, 0));
+        let (_, ledger_rows, _) = ledger_fingerprint(&mut store);
+        // The top-up, "old", "a" and "c": one row per charge, no more.
+        assert_eq!(ledger_rows, 4);
+    }
 }

@@ -145,6 +145,84 @@ pub(super) async fn apply<S: Sql>(
     Ok(AccountSummary { balance, held })
 }
 
+/// [`apply`] for several entries of one account at once: the state after
+/// all of them (each checked in turn, as `apply` checks one), one update and
+/// all their ledger rows, in order. One statement on PostgreSQL, two on
+/// SQLite. Used by the fused debits of a busy account
+/// ([`super::debits::debit_many`]).
+pub(super) async fn apply_all<S: Sql>(
+    tx: &mut S,
+    cur: AccountSummary,
+    entries: &[Entry<'_>],
+) -> Result<AccountSummary> {
+    let Some(first) = entries.first() else {
+        return Ok(cur);
+    };
+    let (mut balance, mut held) = (cur.balance, cur.held);
+    for e in entries {
+        if e.account != first.account {
+            return Err(StoreError::Invalid("ledger entries of several accounts at once".into()));
+        }
+        let (da, dh) = e.kind.deltas(e.amount);
+        balance = balance
+            .checked_add(da)
+            .ok_or_else(|| StoreError::Invalid("amount would overflow the balance".into()))?;
+        held = held
+            .checked_add(dh)
+            .ok_or_else(|| StoreError::Invalid("amount would overflow the held credits".into()))?;
+        if balance < 0 || held < 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{} of {} on {} would leave balance {balance}, held {held}",
+                e.kind.as_str(),
+                e.amount,
+                e.account
+            )));
+        }
+    }
+    let mut values = vals![first.account, balance, held].to_vec();
+    let mut rows = String::new();
+    for (n, e) in entries.iter().enumerate() {
+        let (da, dh) = e.kind.deltas(e.amount);
+        let b = 3 + n * 10;
+        if n > 0 {
+            rows.push_str(", ");
+        }
+        rows.push('(');
+        rows.push_str(&(1..=10).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(", "));
+        rows.push(')');
+        values.extend(vals![
+            e.kind.as_str(),
+            da,
+            dh,
+            e.amount,
+            e.hold_id,
+            e.idempotency_key,
+            e.route,
+            e.key_prefix,
+            e.note,
+            e.created_at
+        ]);
+    }
+    const COLUMNS: &str = "kind, delta_available, delta_held, amount, hold_id, idempotency_key, route, key_prefix, note, created_at";
+    match tx.dialect() {
+        Dialect::Postgres => {
+            let sql = format!(
+                "WITH changed AS (UPDATE accounts SET balance = $2, held = $3 WHERE id = $1 RETURNING id) \
+                 INSERT INTO ledger (account, {COLUMNS}) SELECT changed.id, v.* FROM changed \
+                 CROSS JOIN (VALUES {rows}) AS v({COLUMNS})"
+            );
+            tx.exec(&sql, &values).await?;
+        }
+        Dialect::Sqlite => {
+            tx.exec("UPDATE accounts SET balance = $2, held = $3 WHERE id = $1", &values[..3]).await?;
+            let rows = rows.replace('(', "($1, ");
+            let sql = format!("INSERT INTO ledger (account, {COLUMNS}) VALUES {rows}");
+            tx.exec(&sql, &values).await?;
+        }
+    }
+    Ok(AccountSummary { balance, held })
+}
+
 /// Verify the money invariants on one snapshot. See [`CheckReport`].
 pub async fn check<S: Sql>(tx: &mut S) -> Result<CheckReport> {
     let mut problems = Vec::new();

@@ -92,7 +92,7 @@ mod x402_claims;
 pub use accounts::{
     account_view, create_account, topup, AccountView, Balance, CreateAccount, Topup,
 };
-pub use debits::{debit, Debit, DebitCount, DebitRecordOf};
+pub use debits::{debit, debit_many, Debit, DebitCount, DebitRecordOf};
 pub use holds::{
     create_hold, due_accounts, expire_account, settle, CreateHold, DueAccounts, ExpireAccount,
     ExpireAll, HoldStateOf, OpenHolds, Settle,
