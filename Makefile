@@ -50,6 +50,15 @@ $(ENVOY):
 x402-install:
 	scripts/x402-stack.sh install
 
+# The browser tests (tests/browser/dashboard.mjs): Debian's Chromium
+# (installed if missing; never a browser download) and playwright-core,
+# pinned in tests/browser/package-lock.json, into tests/browser/node_modules.
+CHROMIUM ?= /usr/bin/chromium
+.PHONY: browser-install
+browser-install:
+	@test -x $(CHROMIUM) || apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	@test -d tests/browser/node_modules/playwright-core || (cd tests/browser && npm ci --no-audit --no-fund --silent)
+
 wasm-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
@@ -174,8 +183,8 @@ pg: build envoy
 
 # A real Envoy loading the built .wasm, in front of the real service (and,
 # for tests/e2e/tests/x402.rs, the local x402 stack).
-e2e: build envoy x402-install
-	$(CARGO) test -p dialtone-e2e
+e2e: build envoy x402-install browser-install
+	CHROMIUM=$(CHROMIUM) $(CARGO) test -p dialtone-e2e
 
 clean:
 	$(CARGO) clean

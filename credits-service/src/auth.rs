@@ -114,21 +114,20 @@ impl ServiceAuth {
     /// From `DIAL_SERVICE_KEY` (+ `DIAL_SERVICE_KEY_PREVIOUS`); `Ok(None)`
     /// when neither is set.
     pub fn from_env() -> Result<Option<ServiceAuth>, String> {
+        Self::from_env_vars(SERVICE_KEY_ENV, SERVICE_KEY_PREVIOUS_ENV)
+    }
+
+    /// From the variables `current` (+ `previous`), e.g. the self-service
+    /// gate's `DIAL_GATE_KEY` (+ `DIAL_GATE_KEY_PREVIOUS`); `Ok(None)` when
+    /// neither is set.
+    pub fn from_env_vars(current: &str, previous: &str) -> Result<Option<ServiceAuth>, String> {
         let get = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let (current, previous) = (get(SERVICE_KEY_ENV), get(SERVICE_KEY_PREVIOUS_ENV));
-        let secrets: Vec<String> = match (current, previous) {
+        let secrets: Vec<String> = match (get(current), get(previous)) {
             (None, None) => return Ok(None),
-            (None, Some(_)) => {
-                return Err(format!(
-                    "{SERVICE_KEY_PREVIOUS_ENV} is set but {SERVICE_KEY_ENV} is not"
-                ))
-            }
+            (None, Some(_)) => return Err(format!("{previous} is set but {current} is not")),
             (Some(c), p) => std::iter::once(c).chain(p).collect(),
         };
-        Ok(Some(Self::new(
-            Source::Fixed,
-            digests_of(&secrets, SERVICE_KEY_ENV)?,
-        )))
+        Ok(Some(Self::new(Source::Fixed, digests_of(&secrets, current)?)))
     }
 
     /// From a file of one or two non-empty lines; [`ServiceAuth::reload`]

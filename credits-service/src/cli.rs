@@ -8,6 +8,8 @@ use crate::api::{self, ApiConfig};
 use crate::auth::{AdminAuth, ServiceAuth};
 use crate::backend::{Db, DbOptions};
 use crate::demo_upstream;
+use crate::dev_sign_in::DevSignIn;
+use crate::self_service::{self, SelfServiceConfig, GATE_KEY_ENV};
 use crate::http::HttpConfig;
 use crate::keys;
 use crate::pg::PgOptions;
@@ -56,7 +58,7 @@ struct Cli {
 enum Command {
     /// Run the credits API (and the demo upstream API with --upstream-listen).
     ///
-    /// Prints `listening credits=ADDR upstream=ADDR|none` once bound. Calls
+    /// Prints `listening credits=ADDR upstream=ADDR|none self_service=ADDR|none` once bound. Calls
     /// to /v1/* (except /v1/admin/*) must carry x-dialtone-service-key: one
     /// of the secrets in DIAL_SERVICE_KEY / DIAL_SERVICE_KEY_PREVIOUS or the
     /// --service-key-file (re-read on SIGHUP). SIGTERM/SIGINT stop accepting,
@@ -209,6 +211,31 @@ struct ServeArgs {
     /// SQLite: most write requests committed together.
     #[arg(long, env = "DIALTONE_SQLITE_MAX_BATCH", default_value_t = 256)]
     sqlite_max_batch: usize,
+    /// Also serve the end user's self-service API and /dashboard here. Put
+    /// it where only Envoy reaches it: every request must carry the gate
+    /// key that Envoy's route adds (x-dialtone-gate-key).
+    #[arg(long, env = "DIALTONE_SELF_SERVICE_LISTEN", value_name = "ADDR")]
+    self_service_listen: Option<String>,
+    /// File with the accepted gate key(s) (one or two lines of >= 32
+    /// characters, re-read on SIGHUP). Replaces DIAL_GATE_KEY(_PREVIOUS).
+    #[arg(long, env = "DIAL_GATE_KEY_FILE", value_name = "PATH")]
+    gate_key_file: Option<PathBuf>,
+    /// Scopes an end user may put on a self-service key, comma-separated.
+    #[arg(long, env = "DIALTONE_SELF_SERVICE_SCOPES", default_value = "sms:send,contacts_read")]
+    self_service_scopes: String,
+    /// Where the dashboard sends a signed-out visitor (your app's Privy login).
+    #[arg(long, env = "DIALTONE_SIGN_IN_URL", value_name = "URL")]
+    sign_in_url: Option<String>,
+    /// The x402 top-up route the dashboard shows (with its price).
+    #[arg(long, env = "DIALTONE_TOP_UP_PATH", default_value = "/api/v1/credits/top-up")]
+    top_up_path: String,
+    /// LOCAL STACK ONLY: serve /dev/sign-in, which mints Privy-shaped tokens
+    /// with this dev key (PKCS#8 PEM) for anyone who asks. Never in production.
+    #[arg(long, value_name = "PEM", requires = "dev_app_id")]
+    dev_sign_in_key: Option<PathBuf>,
+    /// The Privy app id (`aud`) of dev tokens.
+    #[arg(long, value_name = "ID")]
+    dev_app_id: Option<String>,
     /// Log lines as text or JSON (levels from RUST_LOG, default info).
     #[arg(long, env = "DIALTONE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -382,6 +409,44 @@ fn service_auth(args: &ServeArgs) -> Result<ServiceAuth, CliError> {
     }
 }
 
+/// The self-service listener's settings: its gate keys, the scopes on
+/// offer, the dev sign-in.
+type SelfServiceSetup = (ServiceAuth, SelfServiceConfig, Option<Arc<DevSignIn>>);
+
+/// [`SelfServiceSetup`] from the arguments (a gate key is required); `None`
+/// without `--self-service-listen`.
+fn self_service_setup(args: &ServeArgs) -> Result<Option<SelfServiceSetup>, CliError> {
+    if args.self_service_listen.is_none() {
+        return Ok(None);
+    }
+    let gate = match &args.gate_key_file {
+        Some(path) => ServiceAuth::from_file(path).map_err(usage)?,
+        None => ServiceAuth::from_env_vars(GATE_KEY_ENV, "DIAL_GATE_KEY_PREVIOUS")
+            .map_err(usage)?
+            .ok_or_else(|| {
+                usage(
+                    "--self-service-listen needs a gate key: set DIAL_GATE_KEY (at least 32 characters) \
+                     or --gate-key-file, and have Envoy's route add it as x-dialtone-gate-key",
+                )
+            })?,
+    };
+    let allowed_scopes = keys::parse_scopes(&args.self_service_scopes).map_err(usage)?;
+    let dev = match (&args.dev_sign_in_key, &args.dev_app_id) {
+        (Some(key), Some(app)) => {
+            let dev = DevSignIn::load(key, app, crate::dev_sign_in::DEFAULT_TTL_SECONDS).map_err(usage)?;
+            tracing::warn!("DEV SIGN-IN ON: /dev/sign-in mints a session for any account; local stack only");
+            Some(Arc::new(dev))
+        }
+        _ => None,
+    };
+    let config = SelfServiceConfig {
+        allowed_scopes,
+        sign_in_url: args.sign_in_url.clone(),
+        top_up_path: args.top_up_path.clone(),
+    };
+    Ok(Some((gate, config, dev)))
+}
+
 fn serve(args: ServeArgs, db: &str, out: &mut dyn Write) -> Result<(), CliError> {
     init_logging(args.log_format);
     let service = service_auth(&args)?;
@@ -419,6 +484,7 @@ fn serve(args: ServeArgs, db: &str, out: &mut dyn Write) -> Result<(), CliError>
     if let Some(w) = args.workers {
         runtime.worker_threads(usize::from(w));
     }
+    let self_service = self_service_setup(&args)?;
     let runtime = runtime
         .thread_name("dialtone-credits")
         .enable_all()
@@ -428,7 +494,7 @@ fn serve(args: ServeArgs, db: &str, out: &mut dyn Write) -> Result<(), CliError>
         admin: AdminAuth::from_env(),
         service,
     };
-    let result = runtime.block_on(serve_async(args, db, config, http, db_options, out));
+    let result = runtime.block_on(serve_async(args, db, config, http, db_options, self_service, out));
     // Tasks still parked on idle sockets are not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -440,6 +506,7 @@ async fn serve_async(
     config: ApiConfig,
     http: HttpConfig,
     db_options: DbOptions,
+    self_service: Option<SelfServiceSetup>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     crate::metrics::install();
@@ -448,6 +515,14 @@ async fn serve_async(
     let upstream_listener = match &args.upstream_listen {
         Some(addr) => Some(crate::http::bind(addr).await?),
         None => None,
+    };
+    let self_listener = match &args.self_service_listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
+    let self_addr = match &self_listener {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "none".to_string(),
     };
     let credits_addr = credits_listener.local_addr()?;
     let upstream_addr = match &upstream_listener {
@@ -483,12 +558,30 @@ async fn serve_async(
             "upstream",
         ))
     });
+    let gate = self_service.as_ref().map(|(gate, _, _)| gate.clone());
+    let self_task = match (self_listener, self_service) {
+        (Some(listener), Some((gate, config, dev_sign_in))) => Some(tokio::spawn(crate::http::serve(
+            listener,
+            self_service::router(self_service::SelfState {
+                db: db.clone(),
+                config: Arc::new(config),
+                gate,
+                http: Arc::clone(&http),
+                clock: api::system_clock(),
+                dev_sign_in,
+            }),
+            Arc::clone(&http),
+            stopped.clone(),
+            "self_service",
+        ))),
+        _ => None,
+    };
     let sweeper = tokio::spawn(sweep(db.clone(), stopped.clone()));
 
     // Tests and scripts wait for this exact line; flush so they see it now.
     writeln!(
         out,
-        "listening credits={credits_addr} upstream={upstream_addr}"
+        "listening credits={credits_addr} upstream={upstream_addr} self_service={self_addr}"
     )?;
     out.flush()?;
     tracing::info!(
@@ -502,12 +595,15 @@ async fn serve_async(
         "dialtone-credits serving"
     );
 
-    wait_for_shutdown(&service).await;
+    wait_for_shutdown(&service, gate.as_ref()).await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop.send(true);
     let _ = credits.await;
     if let Some(u) = upstream {
         let _ = u.await;
+    }
+    if let Some(t) = self_task {
+        let _ = t.await;
     }
     let _ = sweeper.await;
     db.close().await;
@@ -517,7 +613,7 @@ async fn serve_async(
 
 /// Until SIGTERM or SIGINT; SIGHUP re-reads the service key file.
 #[cfg(unix)]
-async fn wait_for_shutdown(service: &ServiceAuth) {
+async fn wait_for_shutdown(service: &ServiceAuth, gate: Option<&ServiceAuth>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -532,16 +628,23 @@ async fn wait_for_shutdown(service: &ServiceAuth) {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => match service.reload() {
-                Ok(n) => tracing::info!(keys = n, "service keys reloaded"),
-                Err(e) => tracing::error!(error = %e, "service keys NOT reloaded; the previous keys stay"),
-            },
+            _ = hup.recv() => {
+                match service.reload() {
+                    Ok(n) => tracing::info!(keys = n, "service keys reloaded"),
+                    Err(e) => tracing::error!(error = %e, "service keys NOT reloaded; the previous keys stay"),
+                }
+                match gate.map(ServiceAuth::reload) {
+                    None => {}
+                    Some(Ok(n)) => tracing::info!(keys = n, "gate keys reloaded"),
+                    Some(Err(e)) => tracing::error!(error = %e, "gate keys NOT reloaded; the previous keys stay"),
+                }
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_shutdown(_service: &ServiceAuth) {
+async fn wait_for_shutdown(_service: &ServiceAuth, _gate: Option<&ServiceAuth>) {
     let _ = tokio::signal::ctrl_c().await;
 }
 

@@ -10,6 +10,8 @@
 //! - [`api`]: the credits HTTP API used by the filter
 //! - [`auth`]: service keys (the filter's callouts) and the admin key
 //! - [`demo_upstream`]: the demo paid API behind the filter
+//! - [`self_service`]: the end user's balance, ledger, keys and tokens, and the `/dashboard` page, behind the gate
+//! - [`dev_sign_in`]: the local stack's dev sign-in (a dev-minted `privy-token` cookie)
 //! - [`http`]: serving axum routers on hyper: timeouts, limits, graceful shutdown
 //! - [`metrics`]: the service's Prometheus metrics
 //! - [`cli`]: the `dialtone-credits` command line
@@ -29,10 +31,12 @@ pub mod backend;
 pub mod cli;
 pub mod db;
 pub mod demo_upstream;
+pub mod dev_sign_in;
 pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod pg;
 pub mod rules;
+pub mod self_service;
 pub mod sqlite;
 pub mod store;

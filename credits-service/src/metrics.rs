@@ -16,6 +16,7 @@
 //! | `dialtone_credits_group_commit_duration_seconds` | one batch, `BEGIN` to `COMMIT` |
 //! | `dialtone_credits_pg_retries_total` | PostgreSQL transactions re-run (serialization, deadlock) |
 //! | `dialtone_credits_service_key_rejections_total` | `/v1/*` calls refused for a missing or wrong service key |
+//! | `dialtone_credits_gate_key_rejections_total` | self-service requests refused for not coming through the gate (no or a wrong `x-dialtone-gate-key`) |
 //!
 //! One recorder per process (the first server started installs it); every
 //! server in the process renders the same registry.
@@ -38,6 +39,7 @@ pub const GROUP_COMMIT_BATCH: &str = "dialtone_credits_group_commit_batch_size";
 pub const GROUP_COMMIT_DURATION: &str = "dialtone_credits_group_commit_duration_seconds";
 pub const PG_RETRIES: &str = "dialtone_credits_pg_retries_total";
 pub const SERVICE_KEY_REJECTIONS: &str = "dialtone_credits_service_key_rejections_total";
+pub const GATE_KEY_REJECTIONS: &str = "dialtone_credits_gate_key_rejections_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -98,6 +100,10 @@ fn build() -> Option<PrometheusHandle> {
         SERVICE_KEY_REJECTIONS,
         "Calls refused for a missing or wrong service key."
     );
+    metrics::describe_counter!(
+        GATE_KEY_REJECTIONS,
+        "Self-service requests refused for not coming through the gate."
+    );
     Some(handle)
 }
 
@@ -154,6 +160,10 @@ pub fn sweeper_run(released: Option<usize>) {
 /// One call refused for its service key.
 pub fn service_key_rejected() {
     metrics::counter!(SERVICE_KEY_REJECTIONS).increment(1);
+}
+
+pub fn gate_key_rejected() {
+    metrics::counter!(GATE_KEY_REJECTIONS).increment(1);
 }
 
 /// Set the scrape-time gauges and render everything.

@@ -264,7 +264,7 @@ fn serve_prints_addresses_and_serves_both_apis() {
     BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    // `listening credits=ADDR upstream=ADDR`
+    // `listening credits=ADDR upstream=ADDR self_service=none`
     let mut fields = line.trim_end().split(' ');
     assert_eq!(fields.next(), Some("listening"));
     let credits = fields
@@ -279,6 +279,7 @@ fn serve_prints_addresses_and_serves_both_apis() {
         .strip_prefix("upstream=")
         .unwrap()
         .to_string();
+    assert_eq!(fields.next(), Some("self_service=none"), "{line}");
     assert!(fields.next().is_none(), "{line}");
 
     assert_eq!(get(&format!("http://{credits}/healthz")).status, 200);

@@ -266,8 +266,9 @@ fn malformed_and_ill_typed_requests_get_4xx_and_change_nothing() {
     // A request head over the limit: 431, connection closed.
     let mut big = RawConn::connect(server.addr());
     let huge = "x".repeat(40 * 1024);
-    big.send(format!("GET /healthz HTTP/1.1\r\nhost: t\r\nx-big: {huge}\r\n\r\n").as_bytes())
-        .unwrap();
+    // The server answers 431 once the limit is passed and closes: the end
+    // of this write may meet a closed socket, which is not a failure.
+    let _ = big.send(format!("GET /healthz HTTP/1.1\r\nhost: t\r\nx-big: {huge}\r\n\r\n").as_bytes());
     assert_eq!(big.read_response().unwrap().status, 431);
     assert_eq!(before, ledger_fingerprint(&mut db.open()));
     assert_eq!(db.open().balance("a").unwrap(), Some(10));

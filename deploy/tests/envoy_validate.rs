@@ -86,7 +86,7 @@ fn assert_callout_clusters_defined(y: &Value, what: &str) -> Vec<String> {
 
 fn ports() -> Ports {
     // Validation binds nothing.
-    Ports { listen: 10000, admin: 9901, credits: 8081, upstream: 8082, facilitator: 4022 }
+    Ports { listen: 10000, admin: 9901, credits: 8081, upstream: 8082, facilitator: 4022, self_service: 8083 }
 }
 
 fn render(dir: &Path, name: &str, plugin_config: &Value) -> PathBuf {
@@ -105,7 +105,7 @@ fn dev_config(dir: &Path) -> Value {
 fn assert_ok(v: &EnvoyValidation, what: &str) {
     assert!(v.ok, "{what}: envoy --mode validate failed:\n{}", v.output);
     // The filter itself ran its configuration check and accepted it.
-    assert!(v.output.contains("configured 4 routes"), "{what}: the filter did not configure:\n{}", v.output);
+    assert!(v.output.contains("configured 6 routes"), "{what}: the filter did not configure:\n{}", v.output);
 }
 
 #[test]

@@ -143,6 +143,9 @@ pub struct Ports {
     /// The x402 facilitator (started by `scripts/x402-stack.sh`; when none
     /// runs, x402 payments get 503 `payment_unavailable`).
     pub facilitator: u16,
+    /// The key/credits service's self-service listener (`/self/v1/*`,
+    /// `/dashboard`, and the dev sign-in), reached through Envoy.
+    pub self_service: u16,
 }
 
 impl Ports {
@@ -153,6 +156,7 @@ impl Ports {
             credits: free_port()?,
             upstream: free_port()?,
             facilitator: free_port()?,
+            self_service: free_port()?,
         })
     }
 }
@@ -181,6 +185,9 @@ pub struct Options {
     /// Call the key/credits service over HTTP/1.1 instead of h2c (for
     /// tests whose stand-ins on its port speak only HTTP/1.1).
     pub credits_http1: bool,
+    /// The dev sign-in (`/dev/sign-in`): the dev signing key (PKCS#8 PEM)
+    /// the service mints `privy-token` cookies with. `None`: no dev sign-in.
+    pub dev_sign_in_key: Option<PathBuf>,
 }
 
 /// How [`Stack::start`] starts the local x402 stack (`scripts/x402-stack.sh`).
@@ -243,6 +250,7 @@ pub fn render_envoy_with(
         .replace("{{EXTRA_CREDITS_ENDPOINTS}}\n", &extra)
         .replace("{{UPSTREAM_PORT}}", &ports.upstream.to_string())
         .replace("{{FACILITATOR_PORT}}", &ports.facilitator.to_string())
+        .replace("{{SELF_SERVICE_PORT}}", &ports.self_service.to_string())
         .replace("{{CREDITS_PROTOCOL}}", H2C_PROTOCOL)
         .replace("{{WASM_PATH}}", &wasm_literal)
         .replace("{{PLUGIN_CONFIG}}", &config_literal))
@@ -266,6 +274,9 @@ pub struct Stack {
     /// `DIAL_SERVICE_KEY`: the key the filter proves itself with to the
     /// key/credits service (random per stack; the service instances get it too).
     pub service_key: String,
+    /// `DIAL_GATE_KEY`: what Envoy's route adds to self-service requests and
+    /// the service's self-service listener demands (random per stack).
+    pub gate_key: String,
     /// `scripts/x402-stack.sh start` while it runs (it runs beside the
     /// credits service's start).
     x402_starting: Option<Child>,
@@ -307,6 +318,7 @@ impl Stack {
             more_envoys: Vec::new(),
             shared_cache_secret: random_hex(32)?,
             service_key: random_hex(32)?,
+            gate_key: random_hex(32)?,
             x402_starting: None,
             x402_dir: None,
             x402: None,
@@ -473,6 +485,21 @@ impl Stack {
         }
         // The demo upstream publishes this file as the issuer's JWKS.
         cmd.env("DIALTONE_DEMO_JWKS_FILE", self.jwks_file());
+        // The self-service listener, behind Envoy: the gate key Envoy's
+        // route adds, and (make run, tests) the dev sign-in.
+        let gate_file = self.opts.run_dir.join("gate-keys");
+        if !gate_file.exists() {
+            std::fs::write(&gate_file, format!("{}\n", self.gate_key)).map_err(|e| format!("{}: {e}", gate_file.display()))?;
+        }
+        let mut self_service_args: Vec<std::ffi::OsString> = vec![
+            "--self-service-listen".into(),
+            format!("127.0.0.1:{}", p.self_service).into(),
+            "--gate-key-file".into(),
+            gate_file.into(),
+        ];
+        if let Some(key) = &self.opts.dev_sign_in_key {
+            self_service_args.extend(["--dev-sign-in-key".into(), key.into(), "--dev-app-id".into(), app_id(&self.opts.plugin_config).into()]);
+        }
         let child = cmd
             .arg("--db")
             .arg(&self.db)
@@ -481,6 +508,7 @@ impl Stack {
             .arg(&key_file)
             .args(["--listen", &format!("127.0.0.1:{}", p.credits)])
             .args(["--upstream-listen", &format!("127.0.0.1:{}", p.upstream)])
+            .args(&self_service_args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -579,6 +607,7 @@ impl Stack {
         };
         cmd.env("DIAL_SHARED_CACHE_SECRET", &self.shared_cache_secret);
         cmd.env("DIAL_SERVICE_KEY", &self.service_key);
+        cmd.env("DIAL_GATE_KEY", &self.gate_key);
         cmd.spawn().map_err(|e| format!("starting {}: {e}", self.paths.envoy.display()))
     }
 
@@ -900,8 +929,18 @@ pub fn random_hex(bytes: usize) -> Result<String, String> {
 /// Loads the dev key from `run_dir` (creating it) and builds the demo plugin config.
 pub fn demo_setup(root: &Path, run_dir: &Path) -> Result<(SigningKey, Value), String> {
     let key = tokens::load_or_create_key(&run_dir.join("dev-signing-key.pem"))?;
-    let cfg = demo_plugin_config(root, &tokens::public_pem(&key)?)?;
+    let mut cfg = demo_plugin_config(root, &tokens::public_pem(&key)?)?;
+    add_dev_sign_in_route(&mut cfg);
     Ok((key, cfg))
+}
+
+/// The local stack's dev sign-in page is public (it is how one signs in).
+/// Only the dev stack's policy has this route: `policy/demo.json`, the
+/// manifests and `envoy/envoy-static.yaml` do not.
+pub fn add_dev_sign_in_route(cfg: &mut Value) {
+    if let Some(routes) = cfg.get_mut("routes").and_then(Value::as_array_mut) {
+        routes.push(serde_json::json!({"name": "dev_sign_in", "methods": ["GET", "POST"], "path": {"prefix": "/dev/"}, "public": true}));
+    }
 }
 
 #[cfg(test)]

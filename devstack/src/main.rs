@@ -85,6 +85,7 @@ fn run() -> Result<(), String> {
             credits: env_u16("DIALTONE_CREDITS_PORT", 8081)?,
             upstream: env_u16("DIALTONE_UPSTREAM_PORT", 8082)?,
             facilitator: env_u16("DIALTONE_FACILITATOR_PORT", 4022)?,
+            self_service: env_u16("DIALTONE_SELF_SERVICE_PORT", 8083)?,
         },
         run_dir: dir.clone(),
         plugin_config: plugin_config.clone(),
@@ -94,6 +95,7 @@ fn run() -> Result<(), String> {
         extra_credits: Vec::new(),
         credits_http1: false,
         x402,
+        dev_sign_in_key: Some(dir.join("dev-signing-key.pem")),
     };
     // Stop on Ctrl-C / SIGTERM; the Stack's Drop stops every child.
     let (tx, rx) = mpsc::channel();
@@ -135,6 +137,7 @@ fn run() -> Result<(), String> {
     println!(
         r#"
 dialtone is up: Envoy {url} (admin {admin}), key/credits service {credits}
+dashboard: {url}/dashboard (dev sign-in: {url}/dev/sign-in, any did:privy:… id; {user} has the demo credits)
 logs: {dir}/envoy.log, {dir}/credits.log   database: {db}
 demo credentials: {env}
 

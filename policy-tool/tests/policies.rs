@@ -403,6 +403,10 @@ fn explain_lists_the_routes() {
     let top_up = lines.iter().find(|l| l.starts_with("credits_top_up")).unwrap_or_else(|| panic!("{table}"));
     assert!(top_up.contains("privy,api_key,api_token") && top_up.contains("settled before the upstream"), "{table}");
     assert!(lines[0].contains("CREDENTIALS") && lines[1].contains(" any "), "{table}");
+    // The dashboard's API takes Privy sessions only; the page is public.
+    let self_service = lines.iter().find(|l| l.starts_with("self_service")).unwrap_or_else(|| panic!("{table}"));
+    assert!(self_service.contains(" privy ") && self_service.contains("/self/v1/"), "{table}");
+    assert!(lines.iter().any(|l| l.starts_with("dashboard") && l.contains("public")), "{table}");
 }
 
 /// The schema is valid JSON Schema and names every field and variant of raw.rs.
@@ -543,7 +547,7 @@ fn the_binary_validates_and_converts() {
     let ex = root().join("policy/examples/sms-credits.yaml");
     let out = std::process::Command::new(bin).arg("validate").arg(&ex).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok (4 routes)\n"));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok (6 routes)\n"));
 
     let dir = std::env::temp_dir().join(format!("dialtone-policy-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

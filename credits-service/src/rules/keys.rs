@@ -200,6 +200,18 @@ job!(
 
 /// Revoke the single active key with this prefix.
 pub async fn revoke_by_prefix<S: Sql>(tx: &mut S, prefix: &str, now: i64) -> Result<RevokedKey> {
+    revoke_prefix_of(tx, prefix, None, now).await
+}
+
+/// Revoke the single active key with this prefix, if `owner` (when given)
+/// holds it. Another account's key is [`StoreError::KeyNotFound`], exactly
+/// as an unknown prefix: the answer says nothing about other accounts.
+pub async fn revoke_prefix_of<S: Sql>(
+    tx: &mut S,
+    prefix: &str,
+    owner: Option<&str>,
+    now: i64,
+) -> Result<RevokedKey> {
     if !keys::is_valid_prefix(prefix) {
         return Err(StoreError::Invalid(
             "a key prefix is 8 lowercase hex characters".into(),
@@ -209,15 +221,29 @@ pub async fn revoke_by_prefix<S: Sql>(tx: &mut S, prefix: &str, now: i64) -> Res
         Dialect::Postgres => " FOR UPDATE",
         Dialect::Sqlite => "",
     };
-    let matches = tx
-        .rows(
-            &format!(
-                "SELECT k.key_sha256, k.account, k.kind FROM keys k WHERE k.prefix = $1 AND {}{lock}",
-                active_sql(2)
-            ),
-            &vals![prefix, now],
-        )
-        .await?;
+    let matches = match owner {
+        None => {
+            tx.rows(
+                &format!(
+                    "SELECT k.key_sha256, k.account, k.kind FROM keys k WHERE k.prefix = $1 AND {}{lock}",
+                    active_sql(2)
+                ),
+                &vals![prefix, now],
+            )
+            .await?
+        }
+        Some(account) => {
+            tx.rows(
+                &format!(
+                    "SELECT k.key_sha256, k.account, k.kind FROM keys k WHERE k.prefix = $1 AND {} \
+                     AND k.account = $3{lock}",
+                    active_sql(2)
+                ),
+                &vals![prefix, now, account],
+            )
+            .await?
+        }
+    };
     let one = match matches.as_slice() {
         [] => return Err(StoreError::KeyNotFound(prefix.to_string())),
         [one] => one,
@@ -246,6 +272,12 @@ job!(
     /// [`revoke_by_prefix`].
     Revoke { prefix: String, now: i64 } -> RevokedKey,
     |j, tx| revoke_by_prefix(tx, &j.prefix, j.now).await
+);
+
+job!(
+    /// [`revoke_prefix_of`]: the self-service revoke, for the key's owner only.
+    RevokeOwn { account: String, prefix: String, now: i64 } -> RevokedKey,
+    |j, tx| revoke_prefix_of(tx, &j.prefix, Some(&j.account), j.now).await
 );
 
 job!(

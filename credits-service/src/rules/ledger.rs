@@ -361,6 +361,25 @@ job!(
 );
 
 job!(
+    /// A page of an account's ledger, newest first: at most `limit` rows
+    /// with an id below `before` (all, when `None`). The last row's id is
+    /// the next page's `before` (read).
+    LedgerPage { account: String, limit: i64, before: Option<i64> } -> Vec<LedgerEntry>,
+    |j, tx| {
+        let limit = j.limit.clamp(1, MAX_LEDGER_LIMIT);
+        let before = j.before.unwrap_or(i64::MAX);
+        tx.rows(
+            &format!("SELECT {LEDGER_COLUMNS} FROM ledger WHERE account = $1 AND id < $3 ORDER BY id DESC LIMIT $2"),
+            &vals![&j.account, limit, before],
+        )
+        .await?
+        .iter()
+        .map(ledger_from_row)
+        .collect()
+    }
+);
+
+job!(
     /// Σ delta_available over an account's ledger (read).
     LedgerBalance { account: String } -> i64,
     |j, tx| tx.int(

@@ -98,10 +98,10 @@ pub use holds::{
     ExpireAll, HoldStateOf, OpenHolds, Settle,
 };
 pub use keys::{
-    create_key, list_keys, lookup_key, revoke_by_prefix, touch_key, ActiveTokenCount, CreateKey,
-    ListKeys, LookupKey, Revoke, TouchKey,
+    create_key, list_keys, lookup_key, revoke_by_prefix, revoke_prefix_of, touch_key,
+    ActiveTokenCount, CreateKey, ListKeys, LookupKey, Revoke, RevokeOwn, TouchKey,
 };
-pub use ledger::{check, Check, Ledger, LedgerBalance, LedgerRowCount};
+pub use ledger::{check, Check, Ledger, LedgerBalance, LedgerPage, LedgerRowCount};
 pub use limits::{rate_limit, RateTake};
 pub use refunds::{refund, Refund};
 pub use x402_claims::{claim_payment, release_claim, ClaimOutcome, ClaimPayment, ReleaseClaim};

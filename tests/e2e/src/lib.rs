@@ -66,6 +66,7 @@ impl TestStack {
             extra_credits: Vec::new(),
             x402: None,
             credits_http1: false,
+            dev_sign_in_key: Some(paths.root.join("target/e2e/dev-signing-key.pem")),
         };
         options(&mut opts)?;
         let stack = Stack::start(paths, opts)?;
