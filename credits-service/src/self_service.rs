@@ -291,20 +291,16 @@ pub fn new_key(account: &str, req: KeyRequest, config: &SelfServiceConfig) -> Re
     Ok(new)
 }
 
-/// A key as the user sees it: never its secret or hash.
+/// A key as the user sees it: the operator's view of it (never a secret or
+/// a hash) without the account (it is the caller's), plus how the page
+/// shows it (`dial_live_1a2b3c4d…`).
 pub fn key_view(k: &KeyRecord) -> Value {
-    json!({
-        "prefix": k.prefix,
-        "kind": k.kind.as_str(),
-        "display": format!("{}{}…", k.kind.marker(), k.prefix),
-        "scopes": k.scopes,
-        "name": k.name,
-        "state": k.state.as_str(),
-        "created_at": k.created_at,
-        "last_used_at": k.last_used_at,
-        "expires_at": k.expires_at,
-        "revoked_at": k.revoked_at,
-    })
+    let mut v = crate::api::key_json(k);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("account");
+        o.insert("display".into(), json!(format!("{}{}…", k.kind.marker(), k.prefix)));
+    }
+    v
 }
 
 // ----- HTTP -------------------------------------------------------------------
@@ -701,6 +697,28 @@ mod tests {
             SelfError::UnknownScope("sms:send".into())
         );
         assert!(serde_json::from_str::<KeyRequest>(r#"{"scopes":["sms:send"],"account":"did:privy:b"}"#).is_err());
+    }
+
+    #[test]
+    fn a_key_view_has_no_secret_hash_or_account() {
+        let k = KeyRecord {
+            prefix: "1a2b3c4d".into(),
+            account: "did:privy:a".into(),
+            kind: KeyKind::ApiKey,
+            scopes: vec!["sms:send".into()],
+            name: None,
+            state: keys::KeyState::Active,
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: Some(2),
+        };
+        let v = key_view(&k);
+        assert_eq!(v["display"], "dial_live_1a2b3c4d…");
+        assert_eq!((v["prefix"].as_str(), v["last_used_at"].as_i64(), v["state"].as_str()), (Some("1a2b3c4d"), Some(2), Some("active")));
+        for absent in ["account", "secret", "key_sha256", "hash"] {
+            assert!(v.get(absent).is_none(), "{absent} in {v}");
+        }
     }
 
     #[test]

@@ -102,6 +102,31 @@ fn service_key_entries() -> Value {
 
 const SERVICE_KEY_ENV: &str = dialtone::credits_api::SERVICE_KEY_ENV;
 
+/// The gate key of the self-service listener: Envoy's router adds it (not
+/// the filter), the service demands it.
+const GATE_KEY_ENV: &str = "DIAL_GATE_KEY";
+const GATE_KEY_SECRET: &str = "dialtone-gate-key";
+
+/// An env entry for the gate key, from its Secret.
+fn gate_key_entry() -> Value {
+    json!({"name": GATE_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": GATE_KEY_SECRET, "key": GATE_KEY_ENV}}})
+}
+
+/// The key/credits service's env entries for the gate key: the key and the
+/// optional previous one (rotation).
+fn gate_key_entries() -> Value {
+    json!([
+        gate_key_entry(),
+        {"name": "DIAL_GATE_KEY_PREVIOUS",
+         "valueFrom": {"secretKeyRef": {"name": GATE_KEY_SECRET, "key": "DIAL_GATE_KEY_PREVIOUS", "optional": true}}}
+    ])
+}
+
+/// `a` then `b` (two JSON arrays).
+fn concat(a: Value, b: Value) -> Value {
+    Value::Array(a.as_array().unwrap().iter().chain(b.as_array().unwrap()).cloned().collect())
+}
+
 /// The container of the key/credits service (the one serving port 8081 that
 /// is not the proxy).
 fn credits_container(deploy: &Doc) -> &Value {
@@ -499,19 +524,49 @@ fn envoy_gateway_policy_is_wired_to_the_route_the_clusters_and_the_secrets() {
     let ep = find(&d, "EnvoyProxy", s(pref, "/name"));
     assert_eq!(ep.namespace(), gw.namespace());
     let env = &ep.value["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"];
-    assert_eq!(env, &secret_env_entries());
+    // The filter's secrets, then the gate key (for Envoy's router).
+    assert_eq!(env, &concat(secret_env_entries(), json!([gate_key_entry()])));
     assert_secrets_in(&d, "envoy-gateway-system");
 
     // The key/credits service holds the key the Envoy pods send: from the
     // copy of the same Secret in its own namespace (a secretKeyRef cannot
     // cross namespaces), with the same shape.
     let deploy = only(&d, "Deployment");
-    assert_eq!(credits_container(deploy)["env"], service_key_entries());
-    let proxy_copy = find_in(&d, "Secret", "envoy-gateway-system", "dialtone-service-key");
-    let service_copy = find_in(&d, "Secret", deploy.namespace(), "dialtone-service-key");
-    assert_ne!(proxy_copy.namespace(), service_copy.namespace());
-    assert_eq!(service_copy.value["type"], "Opaque");
-    assert_eq!(service_copy.value["stringData"], proxy_copy.value["stringData"]);
+    let container = credits_container(deploy);
+    assert_eq!(container["env"], concat(service_key_entries(), gate_key_entries()));
+    for secret in ["dialtone-service-key", GATE_KEY_SECRET] {
+        let proxy_copy = find_in(&d, "Secret", "envoy-gateway-system", secret);
+        let service_copy = find_in(&d, "Secret", deploy.namespace(), secret);
+        assert_ne!(proxy_copy.namespace(), service_copy.namespace());
+        assert_eq!(service_copy.value["type"], "Opaque");
+        assert_eq!(service_copy.value["stringData"], proxy_copy.value["stringData"], "{secret}");
+    }
+
+    // The self-service routes: /self and /dashboard, on the route the filter
+    // is attached to, to the Service of the container's
+    // --self-service-listen port, with the gate key set from Envoy's
+    // environment (the filter removes a client's own copy first).
+    let rules = route.value["spec"]["rules"].as_array().unwrap();
+    let self_rule = rules
+        .iter()
+        .find(|r| r["matches"].as_array().unwrap().iter().any(|m| m["path"]["value"] == "/self"))
+        .unwrap_or_else(|| panic!("no /self rule in {route}"));
+    let prefixes: Vec<&str> = self_rule["matches"].as_array().unwrap().iter().map(|m| s(m, "/path/value")).collect();
+    assert_eq!(prefixes, ["/self", "/dashboard"]);
+    assert_eq!(
+        self_rule["filters"],
+        json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
+            {"name": "x-dialtone-gate-key", "value": format!("%ENVIRONMENT({GATE_KEY_ENV})%")}
+        ]}}])
+    );
+    let backend = &self_rule["backendRefs"][0];
+    let svc = find(&d, "Service", s(backend, "/name"));
+    let port = svc.value["spec"]["ports"].as_array().unwrap().iter().find(|p| p["port"] == backend["port"]).unwrap();
+    let args: Vec<&str> = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let listen = args.iter().position(|a| *a == "--self-service-listen").map(|i| args[i + 1]).unwrap();
+    assert_eq!(listen, format!("0.0.0.0:{}", port["targetPort"]));
+    // The demo API keeps the rest.
+    assert_eq!(s(rules.last().unwrap(), "/matches/0/path/value"), "/");
 }
 
 // --- (c) negative: the checks do reject mistakes -----------------------------
