@@ -51,13 +51,14 @@ x402-install:
 	scripts/x402-stack.sh install
 
 # The browser tests (tests/browser/dashboard.mjs): Debian's Chromium
-# (installed if missing; never a browser download) and playwright-core,
-# pinned in tests/browser/package-lock.json, into tests/browser/node_modules.
+# (installed if missing; never a browser download), playwright-core and
+# axe-core (the accessibility audit), pinned in tests/browser/package-lock.json,
+# into tests/browser/node_modules (npm ci when the lock file is newer).
 CHROMIUM ?= /usr/bin/chromium
 .PHONY: browser-install
 browser-install:
 	@test -x $(CHROMIUM) || apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
-	@test -d tests/browser/node_modules/playwright-core || (cd tests/browser && npm ci --no-audit --no-fund --silent)
+	@test tests/browser/node_modules/.package-lock.json -nt tests/browser/package-lock.json || (cd tests/browser && npm ci --no-audit --no-fund --silent)
 
 wasm-target:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)

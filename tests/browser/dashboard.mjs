@@ -14,6 +14,10 @@ import { chromium } from "playwright-core";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
+import { createRequire } from "node:module";
+
+// axe-core (pinned beside playwright-core): the accessibility audit.
+const AXE = createRequire(import.meta.url).resolve("axe-core/axe.min.js");
 
 const url = process.env.DIALTONE_URL;
 const account = process.env.ACCOUNT;
@@ -76,6 +80,32 @@ try {
   // The top-up offer comes from the x402 route's own 402.
   await page.locator("#top-up-price").filter({ hasText: "Top up 100 credits" }).waitFor(WAIT);
   await page.screenshot({ path: join(shots, "02-dashboard.png"), fullPage: true });
+
+  log("accessibility audit (axe-core) of the signed-in page, the signed-out page and the sign-in form");
+  // In a context of its own that lets the audit script in: the page's CSP
+  // (script-src 'self') refuses injected scripts, as it should.
+  const audit = await browser.newContext({ bypassCSP: true });
+  await audit.addCookies(await context.cookies());
+  for (const [path, ready] of [["/dashboard", "#signed-in"], ["/dev/sign-in", "#dev-sign-in-form"]]) {
+    const p = await audit.newPage();
+    await p.goto(`${url}${path}`);
+    await p.locator(ready).waitFor({ state: "visible", ...WAIT });
+    if (path === "/dashboard") await p.locator("#ledger tbody tr").first().waitFor(WAIT);
+    await p.addScriptTag({ path: AXE });
+    const result = await p.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+    const found = result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+    assert.deepEqual(found, [], `accessibility violations on ${path}`);
+    await p.close();
+  }
+  const signedOut = await browser.newContext({ bypassCSP: true });
+  const so = await signedOut.newPage();
+  await so.goto(`${url}/dashboard`);
+  await so.locator("#signed-out").waitFor({ state: "visible", ...WAIT });
+  await so.addScriptTag({ path: AXE });
+  const soResult = await so.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+  assert.deepEqual(soResult.violations.map((v) => v.id), [], "accessibility violations on the signed-out page");
+  await audit.close();
+  await signedOut.close();
 
   log("another account's keys never show");
   assert.equal(await page.locator(`tr[data-prefix="${otherPrefix}"]`).count(), 0);
