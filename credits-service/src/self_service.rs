@@ -263,9 +263,7 @@ pub fn new_key(account: &str, req: KeyRequest, config: &SelfServiceConfig) -> Re
         }
     }
     match (req.kind.as_deref(), req.expires.as_deref()) {
-        (None | Some("api_key"), Some(_)) => {
-            return Err(SelfError::BadRequest("API keys never expire; an expiry is for API tokens".into()))
-        }
+        // (An expiry on an API key is refused by `new_key_from_options`.)
         (Some("api_token"), Some(e)) if Expiry::parse(e).is_err() => return Err(SelfError::BadExpiry(e.to_string())),
         (Some("api_token"), None) => {
             return Err(SelfError::BadRequest("choose an expiry: 30d, 60d, 90d, 365d or never".into()))
@@ -299,6 +297,17 @@ pub fn key_view(k: &KeyRecord) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.remove("account");
         o.insert("display".into(), json!(format!("{}{}…", k.kind.marker(), k.prefix)));
+    }
+    v
+}
+
+/// A ledger row as the user sees it: the operator's view without the hold
+/// id and the idempotency key (internal handles: request ids, x402 claims).
+pub fn ledger_view(e: &crate::store::LedgerEntry) -> Value {
+    let mut v = crate::api::ledger_json(e);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("hold_id");
+        o.remove("idempotency_key");
     }
     v
 }
@@ -457,17 +466,7 @@ async fn ledger(State(state): State<SelfState>, headers: HeaderMap, uri: Uri) ->
             let next_before = if entries.len() as i64 == limit { entries.last().map(|e| e.id) } else { None };
             Ok(Reply::ok(json!({
                 "account": c.account,
-                "entries": entries.iter().map(|e| json!({
-                    "id": e.id,
-                    "kind": e.kind,
-                    "delta_available": e.delta_available,
-                    "delta_held": e.delta_held,
-                    "amount": e.amount,
-                    "route": e.route,
-                    "key_prefix": e.key_prefix,
-                    "note": e.note,
-                    "created_at": e.created_at,
-                })).collect::<Vec<_>>(),
+                "entries": entries.iter().map(ledger_view).collect::<Vec<_>>(),
                 "next_before": next_before,
             })))
         }
@@ -719,6 +718,27 @@ mod tests {
         for absent in ["account", "secret", "key_sha256", "hash"] {
             assert!(v.get(absent).is_none(), "{absent} in {v}");
         }
+    }
+
+    #[test]
+    fn a_ledger_view_has_no_internal_handles() {
+        let e = crate::store::LedgerEntry {
+            id: 7,
+            account: "did:privy:a".into(),
+            kind: "capture".into(),
+            delta_available: 0,
+            delta_held: -1,
+            amount: 1,
+            hold_id: Some("hold_1".into()),
+            idempotency_key: Some("sms_send:req-1".into()),
+            route: Some("sms_send".into()),
+            key_prefix: Some("1a2b3c4d".into()),
+            note: None,
+            created_at: 5,
+        };
+        let v = ledger_view(&e);
+        assert_eq!((v["id"].as_i64(), v["kind"].as_str(), v["route"].as_str()), (Some(7), Some("capture"), Some("sms_send")));
+        assert!(v.get("hold_id").is_none() && v.get("idempotency_key").is_none(), "{v}");
     }
 
     #[test]
