@@ -283,6 +283,9 @@ pub struct Caches {
     keys: Bounded<LookedUp>,
     key_ttl_ms: i64,
     stats: CacheStats,
+    /// This VM's credit leases (kept across a policy reload: its spends are
+    /// the accounts' money).
+    pub leases: crate::lease::LeaseBook,
 }
 
 impl Default for Caches {
@@ -301,6 +304,7 @@ impl Caches {
             keys: Bounded::new(key_entries),
             key_ttl_ms: i64::try_from(key_ttl_ms).unwrap_or(i64::MAX),
             stats: CacheStats::default(),
+            leases: crate::lease::LeaseBook::default(),
         }
     }
 

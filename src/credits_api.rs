@@ -248,7 +248,7 @@ pub fn is_transport_failure(outcome: &CallOutcome) -> bool {
 /// The contract's answers are JSON objects: valid UTF-8 (which serde_json
 /// does not check inside members it skips) and not the array form serde's
 /// derive would also take.
-fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
+pub(crate) fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
     let text = std::str::from_utf8(body).map_err(|_| ServiceError::Garbage)?;
     if !text.trim_start().starts_with('{') {
         return Err(ServiceError::Garbage);
@@ -256,7 +256,7 @@ fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError
     serde_json::from_slice(body).map_err(|_| ServiceError::Garbage)
 }
 
-fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {
+pub(crate) fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {
     match outcome {
         CallOutcome::Failed => Err(ServiceError::Unavailable),
         CallOutcome::Answered { truncated: true, .. } => Err(ServiceError::TooLarge),
@@ -265,7 +265,7 @@ fn answered(outcome: CallOutcome) -> Result<(u16, Vec<u8>), ServiceError> {
 }
 
 /// The account id goes into an upstream header: visible ASCII, bounded.
-fn valid_account(a: &str) -> bool {
+pub(crate) fn valid_account(a: &str) -> bool {
     !a.is_empty() && a.len() <= 256 && is_header_safe(a)
 }
 

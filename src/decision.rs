@@ -13,6 +13,7 @@ use crate::credits_api::{
 };
 use crate::denial::{AuthFailure, Denial, PaymentRefusal};
 use crate::identity::{AuthMethod, Identity, PaidWith};
+use crate::lease::Spend;
 use crate::policy::{Charge, Config, CredentialKind, Route, Settle, Unmatched, X402Offer};
 use crate::x402::{self, Payment, PaymentError, Settlement, Verification};
 
@@ -73,6 +74,9 @@ pub struct Grant {
     /// The claim this request holds on its x402 payment (released if the
     /// upstream fails, so the same payment may be tried again).
     pub x402_claim: Option<String>,
+    /// Paid from this VM's credit lease, charged when the upstream answers
+    /// 2xx/3xx (returned to the lease otherwise).
+    pub lease: Option<crate::lease::Ticket>,
 }
 
 /// An x402 payment waiting for the Bearer's account (an x402-only route).
@@ -170,6 +174,7 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
                 x402_settle: None,
                 receipt: None,
                 x402_claim: None,
+                lease: None,
             }),
         };
     };
@@ -250,7 +255,7 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
                         ..Identity::anonymous()
                     };
                     // Privy sessions skip scope checks but pay like everyone else.
-                    charge_or_allow(cfg, idx, route, identity, idem, x402_payment)
+                    charge_or_allow(cfg, idx, route, identity, idem, x402_payment, caches, now_ms)
                 }
                 Err(e) => unauthorized(AuthFailure::Jwt(e)),
             }
@@ -260,7 +265,7 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
             match caches.looked_up_key(&digest, now_ms) {
                 // The record was checked when it was cached; the route's
                 // scope and the key's expiry are checked again here.
-                Some(rec) => authorized_key(cfg, idx, route, rec, now, idem, x402_payment),
+                Some(rec) => authorized_key(cfg, idx, route, rec, now_ms, idem, x402_payment, caches),
                 None => lookup(cfg, idx, &key, digest, idem, x402_payment),
             }
         }
@@ -270,7 +275,6 @@ pub fn decide_shared(cfg: &Config, req: &Request<'_>, now_ms: i64, caches: &mut 
 /// Continues a request after its callout answered (or failed), with the
 /// VM's caches (an active key's lookup is remembered).
 pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_ms: i64, caches: &mut Caches) -> Decision {
-    let now = now_ms.div_euclid(1000);
     match pending {
         Pending::Lookup { route: idx, prefix, idempotency_key, key_sha256, payment } => {
             let Some(route) = cfg.routes.get(idx) else {
@@ -288,7 +292,7 @@ pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_m
             if rec.state == KeyState::Active {
                 caches.key_looked_up(key_sha256, &rec, now_ms);
             }
-            authorized_key(cfg, idx, route, rec, now, idempotency_key, payment)
+            authorized_key(cfg, idx, route, rec, now_ms, idempotency_key, payment, caches)
         }
         Pending::Debit { route: idx, mut identity, amount } => {
             let Some(route) = cfg.routes.get(idx) else {
@@ -297,6 +301,9 @@ pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_m
             let account = identity.account.clone().unwrap_or_default();
             match credits_api::parse_debit(outcome, &account, amount) {
                 Ok(Debit::Charged { balance }) => {
+                    if let Some(lease) = &cfg.service.lease {
+                        caches.leases.charged(lease, &account, balance, now_ms);
+                    }
                     identity.credits_remaining = Some(balance);
                     identity.charged = amount;
                     allow(route, identity)
@@ -315,6 +322,9 @@ pub fn resume_cached(cfg: &Config, pending: Pending, outcome: CallOutcome, now_m
             let account = identity.account.clone().unwrap_or_default();
             match credits_api::parse_hold(outcome, &account, amount) {
                 Ok(Hold::Held { hold_id, balance }) => {
+                    if let Some(lease) = &cfg.service.lease {
+                        caches.leases.charged(lease, &account, balance, now_ms);
+                    }
                     identity.credits_remaining = Some(balance);
                     identity.charged = amount;
                     Decision::Allow(Grant { hold: Some(hold_id), ..grant(route, identity) })
@@ -596,15 +606,18 @@ fn settle_payment(cfg: &Config, idx: usize, identity: Identity, payment: Box<Pay
 
 /// A key the service knows (answered now, or cached): its state, expiry and
 /// the route's scope decide; then the route's charge.
+#[allow(clippy::too_many_arguments)]
 fn authorized_key(
     cfg: &Config,
     idx: usize,
     route: &Route,
     rec: credits_api::KeyRecord,
-    now: i64,
+    now_ms: i64,
     idem: String,
     payment: Option<ToPay>,
+    caches: &mut Caches,
 ) -> Decision {
+    let now = now_ms.div_euclid(1000);
     match rec.state {
         KeyState::Revoked => return unauthorized(AuthFailure::Revoked),
         KeyState::Expired => return unauthorized(AuthFailure::Expired),
@@ -627,12 +640,13 @@ fn authorized_key(
         credits_remaining: Some(rec.balance),
         ..Identity::anonymous()
     };
-    charge_or_allow(cfg, idx, route, identity, idem, payment)
+    charge_or_allow(cfg, idx, route, identity, idem, payment, caches, now_ms)
 }
 
 /// After authentication: hold or debit the route's cost (with the account's
 /// rate limit checked first by the service), or, on a free route, check the
 /// rate limit alone, or let it through.
+#[allow(clippy::too_many_arguments)]
 fn charge_or_allow(
     cfg: &Config,
     idx: usize,
@@ -640,6 +654,8 @@ fn charge_or_allow(
     identity: Identity,
     idempotency_key: String,
     payment: Option<ToPay>,
+    caches: &mut Caches,
+    now_ms: i64,
 ) -> Decision {
     // An x402-only route: the payment pays, for the account the Bearer named.
     if let (false, Some(_)) = (route.credits, &route.x402) {
@@ -649,6 +665,27 @@ fn charge_or_allow(
         };
     }
     let account = identity.account.clone().unwrap_or_default();
+    if route.credits && route.cost > 0 && cfg.service.lease.is_some() && !account.is_empty() {
+        // Paid from this VM's lease of the account's credits: no callout.
+        let spend = Spend {
+            idempotency_key: idempotency_key.clone(),
+            amount: route.cost,
+            route: Some(route.name.clone()),
+            key_prefix: identity.key_prefix.clone(),
+        };
+        if let Some(ticket) = caches.leases.try_spend(&account, spend, now_ms) {
+            let mut identity = identity;
+            identity.charged = route.cost;
+            identity.credits_remaining = caches.leases.believed_balance(&account);
+            return match route.charge {
+                Charge::OnSuccess => Decision::Allow(Grant { lease: Some(ticket), ..grant(route, identity) }),
+                Charge::UpFront => {
+                    caches.leases.settle(ticket, true);
+                    allow(route, identity)
+                }
+            };
+        }
+    }
     if route.credits && route.cost > 0 {
         let key_prefix = identity.key_prefix.as_deref();
         let (path, body, pending) = match route.charge {
@@ -717,7 +754,7 @@ fn privy_cookie<'a>(cfg: &Config, req: &Request<'a>) -> Result<Option<&'a str>, 
 }
 
 fn grant(route: &Route, identity: Identity) -> Grant {
-    Grant { identity, route: Some(route.name.clone()), hold: None, x402_settle: None, receipt: None, x402_claim: None }
+    Grant { identity, route: Some(route.name.clone()), hold: None, x402_settle: None, receipt: None, x402_claim: None, lease: None }
 }
 
 fn allow(route: &Route, identity: Identity) -> Decision {
@@ -1244,6 +1281,97 @@ mod tests {
             panic!()
         };
         assert_eq!(second.path, "/v1/debit", "straight to the debit: the lookup came from the cache");
+    }
+
+    fn with_leases(credits: u64) -> Config {
+        let mut c = config();
+        c.service.lease = Some(crate::policy::LeaseConfig {
+            credits,
+            report_ms: 200,
+            ttl_seconds: 30,
+            min_balance_factor: 4,
+            path: "/v1/leases".into(),
+        });
+        c
+    }
+
+    #[test]
+    fn with_a_lease_a_paid_request_makes_no_callout_until_the_lease_runs_out() {
+        let c = with_leases(4);
+        let mut caches = Caches::new(0, 16, 500);
+        let auth = format!("Bearer {API_KEY}");
+        let t0 = NOW * 1000;
+        // First request: lookup, then the per-request debit (2 credits of 100).
+        let Decision::Call(_, pending) = decide_cached(&c, &request("POST", "/sms", Some(&auth)), t0, &mut caches) else { panic!() };
+        let Decision::Call(_, pending) =
+            resume_cached(&c, pending, answer(200, &record(r#"["sms:send"]"#, "active", 100)), t0, &mut caches)
+        else {
+            panic!()
+        };
+        let debit = answer(200, r#"{"account":"did:privy:owner","charged":2,"balance":98,"replayed":false}"#);
+        assert!(matches!(resume_cached(&c, pending, debit, t0, &mut caches), Decision::Allow(_)));
+        // 98 ≥ 4 × 4: the next round asks for a lease.
+        let lease_cfg = c.service.lease.clone().unwrap();
+        let calls = caches.leases.due(&lease_cfg, t0 + 1);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].path, "/v1/leases");
+        let granted = r#"{"granted":true,"lease_id":"lease_1","account":"did:privy:owner","credits":4,"balance":94,"ttl_seconds":30}"#;
+        caches.leases.granted(&lease_cfg, "did:privy:owner", answer(200, granted), t0 + 2);
+        // Two requests (up front, 2 each) come out of the lease: no callout.
+        for (n, remaining) in [(1, 96), (2, 94)] {
+            let mut req = request("POST", "/sms", Some(&auth));
+            let id = format!("req-{n}");
+            req.request_id = &id;
+            let Decision::Allow(g) = decide_cached(&c, &req, t0 + 10 + n, &mut caches) else { panic!("leased request {n}") };
+            assert_eq!(g.identity.charged, 2);
+            assert_eq!(g.identity.credits_remaining, Some(remaining));
+            assert!(g.lease.is_none() && g.hold.is_none(), "charged up front, from the lease");
+        }
+        // The lease is spent: back to a per-request debit.
+        let Decision::Call(call, _) = decide_cached(&c, &request("POST", "/sms", Some(&auth)), t0 + 20, &mut caches) else {
+            panic!()
+        };
+        assert_eq!(call.path, "/v1/debit");
+        // Its two spends go in the final report, each with its own key.
+        let calls = caches.leases.due(&lease_cfg, t0 + 21);
+        let body: serde_json::Value = serde_json::from_slice(&calls[0].body).unwrap();
+        assert_eq!(calls[0].path, "/v1/leases/lease_1/report");
+        assert_eq!(body["final"], true);
+        let keys: Vec<&str> = body["spends"].as_array().unwrap().iter().map(|s| s["idempotency_key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["sms:req-1", "sms:req-2"]);
+        // A charge-on-success route holds its spend on the ticket until the upstream answers.
+        caches.leases.granted(&lease_cfg, "did:privy:owner", answer(200, &granted.replace("lease_1", "lease_2")), t0 + 30);
+        let Decision::Allow(g) = decide_cached(&c, &request("POST", "/report", Some(&auth)), t0 + 31, &mut caches) else { panic!() };
+        let ticket = g.lease.expect("a ticket to settle");
+        assert_eq!((ticket.lease_id.as_str(), ticket.spend.amount), ("lease_2", 3));
+        assert_eq!(caches.leases.active("did:privy:owner"), Some(("lease_2", 1, 3)));
+        caches.leases.settle(ticket, false);
+        assert_eq!(caches.leases.active("did:privy:owner"), Some(("lease_2", 4, 0)), "a failed upstream pays nothing");
+    }
+
+    #[test]
+    fn a_lease_with_a_rate_limit_is_refused_at_load() {
+        let json = serde_json::json!({
+            "credits_service": {"cluster": "credits", "lease": {"credits": 10}},
+            "rate_limit": {"requests": 10, "window_seconds": 1},
+            "routes": [{"name": "sms", "path": {"exact": "/sms"}, "cost": 1}]
+        });
+        let err = Config::from_json(json.to_string().as_bytes(), None).unwrap_err().to_string();
+        assert!(err.contains("$.credits_service.lease: cannot be combined with rate_limit"), "{err}");
+        for (lease, field) in [
+            (serde_json::json!({"credits": 0}), "lease.credits"),
+            (serde_json::json!({"credits": 5, "report_ms": 10}), "lease.report_ms"),
+            (serde_json::json!({"credits": 5, "report_ms": 1000, "ttl_seconds": 4}), "lease.ttl_seconds"),
+            (serde_json::json!({"credits": 5, "min_balance_factor": 1}), "lease.min_balance_factor"),
+            (serde_json::json!({"credits": 5, "surprise": 1}), "surprise"),
+        ] {
+            let json = serde_json::json!({
+                "credits_service": {"cluster": "credits", "lease": lease},
+                "routes": [{"name": "sms", "path": {"exact": "/sms"}, "cost": 1}]
+            });
+            let err = Config::from_json(json.to_string().as_bytes(), None).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     /// proxy-wasm shared data, as the VMs of one Envoy see it, and the key

@@ -9,6 +9,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use crate::cache::{Caches, SlotKey};
+use crate::lease::{LeaseBook, LeaseCallKind};
 use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::decision::{self, CallTarget, Decision, Pending, Request, ServiceCall};
 use crate::x402::{self as x402_wire, Payment};
@@ -30,8 +31,10 @@ const MAX_ATTEMPTS: u32 = 2;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
+            context_id,
+            lease_calls: std::collections::HashMap::new(),
             config: None,
             metrics: Rc::new(Metrics::default()),
             jwks: Rc::new(RefCell::new(JwksCache::default())),
@@ -44,6 +47,9 @@ proxy_wasm::main! {{
 }}
 
 struct Root {
+    context_id: u32,
+    /// Lease calls in flight (token → what it is about).
+    lease_calls: std::collections::HashMap<u32, LeaseCallKind>,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
     jwks: Rc<RefCell<JwksCache>>,
@@ -91,6 +97,67 @@ impl Root {
                 self.jwks.borrow_mut().not_sent(now, false);
                 log::warn!("cannot fetch the JWKS from cluster {:?}: {status:?}", fetch.cluster)
             }
+        }
+    }
+}
+
+impl Root {
+    /// Sends the lease requests and reports that are due (from the tick).
+    fn lease_round(&mut self) {
+        let Some(cfg) = self.config.clone() else { return };
+        let Some(lease_cfg) = cfg.service.lease.as_ref() else { return };
+        let now_ms = unix_millis(self.get_current_time());
+        let calls = self.caches.borrow_mut().leases.due(lease_cfg, now_ms);
+        for call in calls {
+            let mut headers = vec![
+                (":method", "POST"),
+                (":path", call.path.as_str()),
+                (":authority", cfg.service.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            if let Some(key) = &self.service_key {
+                headers.push((credits_api::SERVICE_KEY_HEADER, key));
+            }
+            let timeout = Duration::from_millis(cfg.service.timeout_ms);
+            self.metrics.count(metrics::LEASE_CALLS);
+            match self.dispatch_http_call(&cfg.service.cluster, headers, Some(&call.body), vec![], timeout) {
+                Ok(token) => {
+                    self.lease_calls.insert(token, call.kind);
+                }
+                Err(status) => {
+                    log::warn!("cannot call cluster {:?} for a lease: {status:?}", cfg.service.cluster);
+                    self.lease_answered(lease_cfg, call.kind, CallOutcome::Failed, now_ms);
+                }
+            }
+        }
+        self.count_lease_stats();
+    }
+
+    fn lease_answered(&self, lease_cfg: &crate::policy::LeaseConfig, kind: LeaseCallKind, outcome: CallOutcome, now_ms: i64) {
+        let mut caches = self.caches.borrow_mut();
+        match kind {
+            LeaseCallKind::Grant { account } => caches.leases.granted(lease_cfg, &account, outcome, now_ms),
+            LeaseCallKind::Report { account, lease_id } => caches.leases.reported(&account, &lease_id, outcome),
+        }
+    }
+
+    fn count_lease_stats(&self) {
+        let stats = self.caches.borrow_mut().leases.take_stats();
+        for (n, name) in [
+            (stats.spends, metrics::LEASE_SPENT),
+            (stats.granted, metrics::LEASE_GRANTED),
+            (stats.declined, metrics::LEASE_DECLINED),
+            (stats.reports, metrics::LEASE_REPORTS),
+            (stats.returned, metrics::LEASE_RETURNED),
+            (stats.recalled, metrics::LEASE_RECALLED),
+            (stats.lost, metrics::LEASE_LOST),
+        ] {
+            if n > 0 {
+                self.metrics.add(name, n);
+            }
+        }
+        if stats.lost > 0 {
+            log::warn!("{} leased spend(s) could not be recorded (their lease closed first)", stats.lost);
         }
     }
 }
@@ -204,6 +271,17 @@ impl Metrics {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let Some(kind) = self.lease_calls.remove(&token_id) {
+            if let Some(cfg) = self.config.clone() {
+                if let Some(lease_cfg) = cfg.service.lease.as_ref() {
+                    let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);
+                    let now_ms = unix_millis(self.get_current_time());
+                    self.lease_answered(lease_cfg, kind, outcome, now_ms);
+                    self.count_lease_stats();
+                }
+            }
+            return;
+        }
         if self.jwks_token != Some(token_id) {
             return;
         }
@@ -269,18 +347,30 @@ impl RootContext for Root {
                 // A new policy starts with nothing of the old one: no fetched
                 // keys, no fetch in flight, no cached token or lookup. Requests
                 // still in flight keep the state they started with.
-                self.caches = Rc::new(RefCell::new(Caches::new(
-                    token_entries,
-                    cfg.service.key_cache_entries,
-                    cfg.service.key_cache_ttl_ms,
-                )));
+                let mut caches = Caches::new(token_entries, cfg.service.key_cache_entries, cfg.service.key_cache_ttl_ms);
+                // The leases (and their unreported spends) outlive a policy
+                // reload; a VM names itself in its lease requests once.
+                caches.leases = std::mem::take(&mut self.caches.borrow_mut().leases);
+                if caches.leases.holder().is_empty() {
+                    let nanos = self.get_current_time().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                    caches.leases = LeaseBook::new(format!("vm-{nanos:x}-{}", self.context_id));
+                }
+                self.caches = Rc::new(RefCell::new(caches));
                 self.jwks = Rc::new(RefCell::new(JwksCache::default()));
                 self.jwks_token = None;
                 self.slot_key = slot_key.map(Rc::new);
                 self.service_key = service_key.map(Rc::from);
+                let lease_ms = cfg.service.lease.as_ref().map(|l| l.report_ms.min(1000));
                 self.config = Some(Rc::new(cfg));
+                match (fetches, lease_ms) {
+                    (_, Some(ms)) => self.set_tick_period(Duration::from_millis(ms)),
+                    (true, None) => self.set_tick_period(Duration::from_secs(1)),
+                    // A reload that turned leasing off still reports and
+                    // returns the leases this VM holds.
+                    (false, None) if self.caches.borrow().leases.is_busy() => self.set_tick_period(Duration::from_secs(1)),
+                    (false, None) => {}
+                }
                 if fetches {
-                    self.set_tick_period(Duration::from_secs(1));
                     self.refresh_keys();
                 }
                 true
@@ -294,6 +384,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.refresh_keys();
+        self.lease_round();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -320,6 +411,7 @@ impl RootContext for Root {
             x402_settling: None,
             receipt: None,
             x402_claim: None,
+            lease: None,
         }))
     }
 
@@ -366,6 +458,9 @@ struct Gate {
     receipt: Option<String>,
     /// The claim held on this request's x402 payment.
     x402_claim: Option<String>,
+    /// This request's spend from the VM's credit lease, settled when the
+    /// upstream answers.
+    lease: Option<crate::lease::Ticket>,
 }
 
 fn header_str(headers: &[(String, Vec<u8>)], name: &str) -> String {
@@ -408,6 +503,7 @@ impl Gate {
                 self.hold = grant.hold;
                 self.x402_settle = grant.x402_settle;
                 self.x402_claim = grant.x402_claim;
+                self.lease = grant.lease;
                 if grant.identity.payment.is_some() {
                     self.metrics.count(metrics::X402_VERIFIED);
                 }
@@ -830,6 +926,12 @@ impl HttpContext for Gate {
         if let (Some(cfg), Some(payment)) = (self.config.clone(), self.x402_settle.take()) {
             return self.settle_payment(&cfg, payment);
         }
+        if let Some(ticket) = self.lease.take() {
+            // Charge on success, from the lease: no callout, nothing to wait for.
+            let charged = matches!(self.response_status(), Some(200..=399));
+            self.caches.borrow_mut().leases.settle(ticket, charged);
+            return Action::Continue;
+        }
         let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) else {
             return Action::Continue;
         };
@@ -855,6 +957,10 @@ impl HttpContext for Gate {
         }
         if let (Some(cfg), Some(hold)) = (self.config.clone(), self.hold.take()) {
             self.settle(&cfg, &hold, None);
+        }
+        // No response reached the client: the lease gets the credits back.
+        if let Some(ticket) = self.lease.take() {
+            self.caches.borrow_mut().leases.settle(ticket, false);
         }
     }
 

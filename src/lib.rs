@@ -17,6 +17,7 @@ pub mod denial;
 pub mod es256;
 pub mod identity;
 pub mod jwks;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod privy_jwt;

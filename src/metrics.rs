@@ -106,6 +106,20 @@ pub const JWKS_FAILED: &str = "dialtone.jwks.failed";
 /// (counted per key).
 pub const JWKS_EXPIRED: &str = "dialtone.jwks.expired";
 
+/// Credit leases: paid requests charged from a lease (no callout), leases
+/// granted and declined, reports sent (lease calls, as `callout.*` are the
+/// requests' own), leases given back and recalled, and spends that were
+/// served but could not be recorded (the lease closed under them).
+pub const LEASE_SPENT: &str = "dialtone.lease.spent";
+pub const LEASE_GRANTED: &str = "dialtone.lease.granted";
+pub const LEASE_DECLINED: &str = "dialtone.lease.declined";
+pub const LEASE_REPORTS: &str = "dialtone.lease.reports";
+pub const LEASE_RETURNED: &str = "dialtone.lease.returned";
+pub const LEASE_RECALLED: &str = "dialtone.lease.recalled";
+pub const LEASE_LOST: &str = "dialtone.lease.lost";
+/// Lease requests and reports sent (both kinds of lease call).
+pub const LEASE_CALLS: &str = "dialtone.lease.calls";
+
 /// Histogram: milliseconds from dispatch to answer, per callout.
 pub const CALLOUT_LATENCY_MS: &str = "dialtone.callout.latency_ms";
 
@@ -141,6 +155,14 @@ pub const COUNTERS: &[&str] = &[
     X402_SETTLED,
     X402_SETTLE_FAILED,
     X402_UNAVAILABLE,
+    LEASE_SPENT,
+    LEASE_GRANTED,
+    LEASE_DECLINED,
+    LEASE_REPORTS,
+    LEASE_RETURNED,
+    LEASE_RECALLED,
+    LEASE_LOST,
+    LEASE_CALLS,
 ];
 
 /// Every counter: the named ones and the reasons.

@@ -195,6 +195,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/holds", post(hold))
         .route("/v1/holds/{id}/capture", post(capture))
         .route("/v1/holds/{id}/release", post(release))
+        .route("/v1/leases", post(grant_lease))
+        .route("/v1/leases/{id}/report", post(report_lease))
         .route("/v1/ratelimit", post(ratelimit))
         .route("/v1/x402/claims", post(claim_payment))
         .route("/v1/x402/claims/{claim}/release", post(release_claim))
@@ -403,6 +405,38 @@ struct HoldBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseBody {
+    account: String,
+    credits: i64,
+    ttl_seconds: i64,
+    min_balance_factor: i64,
+    idempotency_key: String,
+    #[serde(default)]
+    holder: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpendBody {
+    idempotency_key: String,
+    amount: i64,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    key_prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBody {
+    #[serde(default)]
+    spends: Vec<SpendBody>,
+    #[serde(default, rename = "final")]
+    final_report: bool,
+}
+
+#[derive(Deserialize)]
 struct ReleaseBody {
     #[serde(default)]
     reason: Option<String>,
@@ -596,6 +630,126 @@ async fn hold(State(state): State<AppState>, body: Body) -> Reply {
                 HoldOutcome::RateLimited {
                     retry_after_seconds,
                 } => rate_limited(retry_after_seconds),
+            })
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/leases`: a lease of credits for one Envoy to spend locally
+/// (see `rules::leases`). 200 with `granted: true` and the lease, or
+/// `granted: false` when the account cannot spare it now.
+async fn grant_lease(State(state): State<AppState>, body: Body) -> Reply {
+    done(
+        async {
+            let body: LeaseBody = parse_json(&state.body(body).await?)?;
+            let req = rules::LeaseRequest {
+                account: body.account,
+                credits: body.credits,
+                ttl_seconds: body.ttl_seconds,
+                min_balance_factor: body.min_balance_factor,
+                idempotency_key: body.idempotency_key,
+                holder: body.holder,
+            };
+            let outcome = state
+                .db
+                .write(rules::GrantLease { req, now: state.now() })
+                .await
+                .map_err(store_error)?;
+            Ok(match outcome {
+                rules::LeaseOutcome::Granted(l) => {
+                    crate::metrics::lease_requested(l.open);
+                    tracing::debug!(account = %l.account, lease = %l.lease_id, credits = l.credits, "lease granted");
+                    Reply::ok(json!({
+                        "granted": l.open,
+                        "lease_id": l.lease_id,
+                        "account": l.account,
+                        "credits": l.credits,
+                        "balance": l.balance,
+                        "expires_at": l.expires_at,
+                        "ttl_seconds": (l.expires_at - state.now()).max(0),
+                        "replayed": l.replayed,
+                    }))
+                }
+                rules::LeaseOutcome::Declined { balance, needed, recalling } => {
+                    crate::metrics::lease_requested(false);
+                    Reply::ok(json!({
+                        "granted": false,
+                        "balance": balance,
+                        "needed": needed,
+                        "recalling": recalling,
+                    }))
+                }
+                rules::LeaseOutcome::Conflict => Reply::error(409, "idempotency_conflict"),
+            })
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/leases/{id}/report`: the spends of a lease since the last
+/// report (each recorded once), and with `final: true` its closing.
+async fn report_lease(State(state): State<AppState>, uri: Uri, body: Body) -> Reply {
+    done(
+        async {
+            let Some(lease_id) = percent_decode(segment(&uri, 3)) else {
+                return Ok(Reply::error(404, "lease_not_found"));
+            };
+            let body: ReportBody = parse_json(&state.body(body).await?)?;
+            let spends: Vec<rules::Spend> = body
+                .spends
+                .into_iter()
+                .map(|s| rules::Spend {
+                    idempotency_key: s.idempotency_key,
+                    amount: s.amount,
+                    route: s.route,
+                    key_prefix: s.key_prefix,
+                })
+                .collect();
+            let outcome = state
+                .db
+                .write(rules::ReportLease {
+                    lease_id,
+                    spends,
+                    final_report: body.final_report,
+                    now: state.now(),
+                })
+                .await
+                .map_err(store_error)?;
+            Ok(match outcome {
+                rules::ReportOutcome::NotFound => Reply::error(404, "lease_not_found"),
+                rules::ReportOutcome::Reported(r) => {
+                    crate::metrics::lease_spends(r.recorded, r.replayed, r.refused.len());
+                    if !r.refused.is_empty() {
+                        tracing::warn!(
+                            lease = %r.lease_id,
+                            refused = r.refused.len(),
+                            first = r.refused.first().map(|(_, why)| why.as_str()).unwrap_or_default(),
+                            "lease spends refused"
+                        );
+                    }
+                    let refused: Vec<serde_json::Value> = r
+                        .refused
+                        .iter()
+                        .map(|(key, why)| json!({ "idempotency_key": key, "reason": why.as_str() }))
+                        .collect();
+                    Reply::ok(json!({
+                        "lease_id": r.lease_id,
+                        "account": r.account,
+                        "state": if r.open { "open" } else { "closed" },
+                        "close_reason": r.close_reason,
+                        "credits": r.credits,
+                        "spent": r.spent,
+                        "remaining": r.credits - r.spent,
+                        "returned": r.returned,
+                        "recall": r.recall,
+                        "expires_at": r.expires_at,
+                        "balance": r.balance,
+                        "recorded": r.recorded,
+                        "replayed": r.replayed,
+                        "refused": refused,
+                    }))
+                }
             })
         }
         .await,
@@ -984,15 +1138,34 @@ async fn admin_account(State(state): State<AppState>, uri: Uri) -> Reply {
                 })
                 .await
                 .map_err(store_error)?;
-            Ok(match summary {
-                None => Reply::error(404, "account_not_found"),
-                Some(s) => Reply::ok(json!({
-                    "account": account,
-                    "balance": s.balance,
-                    "held": s.held,
-                    "total": s.total(),
-                })),
-            })
+            let Some(s) = summary else {
+                return Ok(Reply::error(404, "account_not_found"));
+            };
+            let leases = state
+                .db
+                .read(rules::OpenLeases { account: account.clone() })
+                .await
+                .map_err(store_error)?;
+            let leases: Vec<serde_json::Value> = leases
+                .iter()
+                .map(|l| {
+                    json!({
+                        "lease_id": l.lease_id,
+                        "credits": l.credits,
+                        "spent": l.spent,
+                        "recall": l.recall,
+                        "holder": l.holder,
+                        "expires_at": l.expires_at,
+                    })
+                })
+                .collect();
+            Ok(Reply::ok(json!({
+                "account": account,
+                "balance": s.balance,
+                "held": s.held,
+                "total": s.total(),
+                "open_leases": leases,
+            })))
         }
         .await,
     )

@@ -140,6 +140,17 @@ impl Db {
         for r in futures_util::future::join_all(jobs).await {
             released += r?;
         }
+        // Leases past their expiry: closed, their unspent credits given back.
+        let accounts = self.read(rules::DueLeaseAccounts { now }).await?;
+        let jobs = accounts.into_iter().map(|account| {
+            let this = self.clone();
+            async move { this.write(rules::ExpireAccountLeases { account, now }).await }
+        });
+        for r in futures_util::future::join_all(jobs).await {
+            let n = r?;
+            crate::metrics::leases_expired(n);
+            released += n;
+        }
         Ok(released)
     }
 

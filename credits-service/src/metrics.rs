@@ -10,7 +10,10 @@
 //! | `dialtone_credits_db_pool_connections{pool,state}` | pool connections `open` / `idle` / `in_use` / `max` |
 //! | `dialtone_credits_db_up` | 1 if the scrape's database query answered |
 //! | `dialtone_credits_sweeper_runs_total{result}` | sweeper runs (`ok` / `error`) |
-//! | `dialtone_credits_holds_expired_total` | holds the sweeper released |
+//! | `dialtone_credits_holds_expired_total` | holds the sweeper released (and leases it closed) |
+//! | `dialtone_credits_leases_total{result}` | lease requests (`granted` / `declined`) |
+//! | `dialtone_credits_lease_spends_total{result}` | reported lease spends (`recorded` / `replayed` / `refused`) |
+//! | `dialtone_credits_leases_expired_total` | leases the sweeper closed past their expiry |
 //! | `dialtone_credits_group_commits_total{result}` | SQLite writer commits (`ok` / `error`) |
 //! | `dialtone_credits_group_commit_batch_size` | write jobs per SQLite commit |
 //! | `dialtone_credits_group_commit_duration_seconds` | one batch, `BEGIN` to `COMMIT` |
@@ -34,6 +37,9 @@ pub const POOL_CONNECTIONS: &str = "dialtone_credits_db_pool_connections";
 pub const DB_UP: &str = "dialtone_credits_db_up";
 pub const SWEEPER_RUNS: &str = "dialtone_credits_sweeper_runs_total";
 pub const HOLDS_EXPIRED: &str = "dialtone_credits_holds_expired_total";
+pub const LEASES: &str = "dialtone_credits_leases_total";
+pub const LEASE_SPENDS: &str = "dialtone_credits_lease_spends_total";
+pub const LEASES_EXPIRED: &str = "dialtone_credits_leases_expired_total";
 pub const GROUP_COMMITS: &str = "dialtone_credits_group_commits_total";
 pub const GROUP_COMMIT_BATCH: &str = "dialtone_credits_group_commit_batch_size";
 pub const GROUP_COMMIT_DURATION: &str = "dialtone_credits_group_commit_duration_seconds";
@@ -154,6 +160,28 @@ pub fn sweeper_run(released: Option<usize>) {
     metrics::counter!(SWEEPER_RUNS, "result" => result).increment(1);
     if let Some(n) = released {
         metrics::counter!(HOLDS_EXPIRED).increment(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+}
+
+/// One lease request answered.
+pub fn lease_requested(granted: bool) {
+    let result = if granted { "granted" } else { "declined" };
+    metrics::counter!(LEASES, "result" => result).increment(1);
+}
+
+/// One lease report's spends.
+pub fn lease_spends(recorded: usize, replayed: usize, refused: usize) {
+    for (result, n) in [("recorded", recorded), ("replayed", replayed), ("refused", refused)] {
+        if n > 0 {
+            metrics::counter!(LEASE_SPENDS, "result" => result).increment(u64::try_from(n).unwrap_or(u64::MAX));
+        }
+    }
+}
+
+/// Leases the sweeper closed.
+pub fn leases_expired(n: usize) {
+    if n > 0 {
+        metrics::counter!(LEASES_EXPIRED).increment(u64::try_from(n).unwrap_or(u64::MAX));
     }
 }
 

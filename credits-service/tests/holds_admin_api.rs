@@ -336,7 +336,7 @@ fn admin_keys_accounts_ledger_refund_and_check() {
         );
         let hold_id = r.json["hold_id"].as_str().unwrap().to_string();
         let r = f.admin("GET", "/v1/admin/accounts/did%3Aprivy%3Aa", None);
-        assert_eq!(r.json, json!({ "account": "did:privy:a", "balance": 38, "held": 7, "total": 45 }));
+        assert_eq!(r.json, json!({ "account": "did:privy:a", "balance": 38, "held": 7, "total": 45, "open_leases": [] }));
         post(&f.url(&format!("/v1/holds/{hold_id}/capture")), "");
         assert_eq!(f.admin("GET", "/v1/admin/accounts/nobody", None).status, 404);
 

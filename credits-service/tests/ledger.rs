@@ -156,7 +156,7 @@ fn check_reports_every_discrepancy() {
         assert!(!report.is_ok());
         let all = report.problems.join("\n");
         assert!(all.contains("account a: balance 11 != ledger sum of delta_available 10"), "{all}");
-        assert!(all.contains("account b: held 2 != sum of open holds 0"), "{all}");
+        assert!(all.contains("account b: held 2 != open holds 0 + unspent open leases 0"), "{all}");
         assert!(all.contains("(captured): 1 hold, 0 capture, 0 release"), "{all}");
     });
 }

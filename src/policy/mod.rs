@@ -62,6 +62,18 @@ pub struct ServiceConfig {
     pub hold_ttl_seconds: u64,
     pub key_cache_ttl_ms: u64,
     pub key_cache_entries: usize,
+    pub lease: Option<LeaseConfig>,
+}
+
+/// Credit leases (`credits_service.lease`), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub credits: u64,
+    pub report_ms: u64,
+    pub ttl_seconds: u64,
+    pub min_balance_factor: u64,
+    /// `POST <path>` grants, `POST <path>/<id>/report` reports.
+    pub path: String,
 }
 
 #[derive(Debug)]
@@ -308,7 +320,42 @@ pub fn compile(raw: RawConfig, env_admin_key: Option<&str>) -> Result<Config, Co
     if s.key_cache_entries > MAX_CACHE_ENTRIES {
         err("$.credits_service.key_cache_entries".into(), format!("must be between 0 and {MAX_CACHE_ENTRIES}"));
     }
+    let lease = s.lease.as_ref().map(|l| {
+        let at = |field: &str| format!("$.credits_service.lease.{field}");
+        if !(1..=1_000_000).contains(&l.credits) {
+            err(at("credits"), "must be between 1 and 1000000".into());
+        }
+        if !(50..=60_000).contains(&l.report_ms) {
+            err(at("report_ms"), "must be between 50 and 60000".into());
+        }
+        // A lease must outlive a few report rounds, so the VM returns it
+        // (with its last spends) well before the service closes it.
+        let min_ttl = (l.report_ms * 5).div_ceil(1000).max(2);
+        if !(min_ttl..=3600).contains(&l.ttl_seconds) {
+            err(at("ttl_seconds"), format!("must be between {min_ttl} (5 × report_ms) and 3600"));
+        }
+        if !(2..=1000).contains(&l.min_balance_factor) {
+            err(at("min_balance_factor"), "must be between 2 and 1000 (a lease must leave credits for the others)".into());
+        }
+        if !l.path.starts_with('/') || !is_visible_ascii(&l.path) {
+            err(at("path"), "must be a path starting with '/'".into());
+        }
+        if raw.rate_limit.is_some() {
+            err(
+                "$.credits_service.lease".to_owned(),
+                "cannot be combined with rate_limit: a leased request makes no callout, so a per-account limit could not hold across Envoys".into(),
+            );
+        }
+        LeaseConfig {
+            credits: l.credits,
+            report_ms: l.report_ms,
+            ttl_seconds: l.ttl_seconds,
+            min_balance_factor: l.min_balance_factor,
+            path: l.path.trim_end_matches('/').to_owned(),
+        }
+    });
     let service = ServiceConfig {
+        lease,
         cluster: s.cluster.clone(),
         authority: s.authority.clone().unwrap_or_else(|| s.cluster.clone()),
         timeout_ms: s.timeout_ms,

@@ -138,6 +138,43 @@ pub struct RawService {
     /// Key lookups a VM keeps at most.
     #[serde(default = "default_cache_entries")]
     pub key_cache_entries: usize,
+    /// Credit leases: paid requests of an account with credits to spare
+    /// are charged from a lease the VM holds, with no callout (off when
+    /// absent).
+    #[serde(default)]
+    pub lease: Option<RawLease>,
+}
+
+/// `credits_service.lease`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawLease {
+    /// Credits a lease holds (N).
+    pub credits: u64,
+    /// Spends are reported at least this often (and the lease's state read).
+    #[serde(default = "default_lease_report_ms")]
+    pub report_ms: u64,
+    /// The service closes a lease after this long and gives the rest back.
+    #[serde(default = "default_lease_ttl")]
+    pub ttl_seconds: u64,
+    /// A lease is granted only while available credits ≥ this × N.
+    #[serde(default = "default_lease_factor")]
+    pub min_balance_factor: u64,
+    #[serde(default = "default_leases_path")]
+    pub path: String,
+}
+
+fn default_lease_report_ms() -> u64 {
+    200
+}
+fn default_lease_ttl() -> u64 {
+    30
+}
+fn default_lease_factor() -> u64 {
+    4
+}
+fn default_leases_path() -> String {
+    "/v1/leases".into()
 }
 
 fn default_key_cache_ttl_ms() -> u64 {

@@ -75,6 +75,9 @@ pub async fn debit<S: Sql>(
     }
     let balance = cur.map_or(0, |c| c.balance);
     let Some(cur) = cur.filter(|c| c.balance >= req.amount) else {
+        if cur.is_some() {
+            super::leases::recall_leases(tx, &req.account).await?;
+        }
         return Ok(DebitOutcome::Insufficient {
             balance,
             required: req.amount,
@@ -201,6 +204,7 @@ pub async fn debit_many<S: Sql>(
     }
     let mut balance = cur.map(|c| c.balance);
     let mut new_rows: Vec<(&DebitRequest, i64, i64)> = Vec::new(); // (request, balance_after, now)
+    let mut refused_for_credits = false;
     for &i in &valid {
         let Some(&(r, now_ms)) = reqs.get(i) else { continue };
         let outcome = if let Some((acct, amount, after)) = stored.get(&r.idempotency_key) {
@@ -218,12 +222,18 @@ pub async fn debit_many<S: Sql>(
                     new_rows.push((r, after, now_ms.div_euclid(1000)));
                     DebitOutcome::Charged { account: r.account.clone(), charged: r.amount, balance: after, replayed: false }
                 }
-                b => DebitOutcome::Insufficient { balance: b.unwrap_or(0), required: r.amount },
+                b => {
+                    refused_for_credits |= b.is_some();
+                    DebitOutcome::Insufficient { balance: b.unwrap_or(0), required: r.amount }
+                }
             }
         };
         if let Some(slot) = out.get_mut(i) {
             *slot = Ok(outcome);
         }
+    }
+    if refused_for_credits {
+        super::leases::recall_leases(tx, account).await?;
     }
     let (Some(cur), false) = (cur, new_rows.is_empty()) else {
         return Ok(out);

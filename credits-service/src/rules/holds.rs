@@ -115,6 +115,9 @@ pub async fn create_hold<S: Sql>(
     }
     let balance = cur.map_or(0, |c| c.balance);
     let Some(cur) = cur.filter(|c| c.balance >= req.amount) else {
+        if cur.is_some() {
+            super::leases::recall_leases(tx, &req.account).await?;
+        }
         return Ok(HoldOutcome::Insufficient {
             balance,
             required: req.amount,
@@ -299,12 +302,17 @@ job!(
 );
 
 job!(
-    /// Every due account's holds in one transaction (the operator API's sweep).
+    /// Every due account's holds and leases in one transaction (the operator API's sweep).
     ExpireAll { now: i64 } -> usize,
     |j, tx| {
         let mut released = 0;
         for account in due_accounts(tx, j.now).await? {
             released += expire_account(tx, &account, j.now).await?;
+        }
+        for account in super::leases::due_lease_accounts(tx, j.now).await? {
+            if let Some(cur) = lock_account(tx, &account).await? {
+                released += super::leases::expire_account_leases(tx, &account, cur, j.now).await?.1;
+            }
         }
         Ok(released)
     }

@@ -17,6 +17,9 @@ pub(super) enum Kind {
     Hold,
     Capture,
     Release,
+    Lease,
+    LeaseSpend,
+    LeaseReturn,
 }
 
 impl Kind {
@@ -28,6 +31,9 @@ impl Kind {
             Kind::Hold => "hold",
             Kind::Capture => "capture",
             Kind::Release => "release",
+            Kind::Lease => "lease",
+            Kind::LeaseSpend => "lease_spend",
+            Kind::LeaseReturn => "lease_return",
         }
     }
 
@@ -35,9 +41,9 @@ impl Kind {
         match self {
             Kind::Topup | Kind::Refund => (amount, 0),
             Kind::Debit => (-amount, 0),
-            Kind::Hold => (-amount, amount),
-            Kind::Capture => (0, -amount),
-            Kind::Release => (amount, -amount),
+            Kind::Hold | Kind::Lease => (-amount, amount),
+            Kind::Capture | Kind::LeaseSpend => (0, -amount),
+            Kind::Release | Kind::LeaseReturn => (amount, -amount),
         }
     }
 }
@@ -232,12 +238,14 @@ pub async fn check<S: Sql>(tx: &mut S) -> Result<CheckReport> {
         "SELECT a.id, a.balance, a.held, \
          CAST(COALESCE((SELECT SUM(l.delta_available) FROM ledger l WHERE l.account = a.id), 0) AS BIGINT), \
          CAST(COALESCE((SELECT SUM(l.delta_held) FROM ledger l WHERE l.account = a.id), 0) AS BIGINT), \
-         CAST(COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.account = a.id AND h.state = 'open'), 0) AS BIGINT) \
+         CAST(COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.account = a.id AND h.state = 'open'), 0) AS BIGINT), \
+         CAST(COALESCE((SELECT SUM(s.credits - s.spent) FROM leases s WHERE s.account = a.id AND s.state = 'open'), 0) AS BIGINT) \
          FROM accounts a ORDER BY a.id",
         &[],
     ).await? {
         let (id, balance, held) = (r.text(0)?, r.i64(1)?, r.i64(2)?);
-        let (sum_avail, sum_held, open) = (r.i64(3)?, r.i64(4)?, r.i64(5)?);
+        let (sum_avail, sum_held, open_holds, leased) = (r.i64(3)?, r.i64(4)?, r.i64(5)?, r.i64(6)?);
+        let open = open_holds + leased;
         if balance != sum_avail {
             problems.push(format!(
                 "account {id}: balance {balance} != ledger sum of delta_available {sum_avail}"
@@ -250,7 +258,7 @@ pub async fn check<S: Sql>(tx: &mut S) -> Result<CheckReport> {
         }
         if held != open {
             problems.push(format!(
-                "account {id}: held {held} != sum of open holds {open}"
+                "account {id}: held {held} != open holds {open_holds} + unspent open leases {leased}"
             ));
         }
         if balance < 0 {
@@ -330,6 +338,42 @@ pub async fn check<S: Sql>(tx: &mut S) -> Result<CheckReport> {
             r.text(1)?,
             r.text(2)?
         ));
+    }
+    for r in tx
+        .rows(
+            "SELECT s.id, s.state, s.credits, s.spent, \
+         (SELECT COUNT(*) FROM ledger l WHERE l.hold_id = s.id AND l.kind = 'lease' AND l.amount = s.credits AND l.account = s.account), \
+         CAST(COALESCE((SELECT SUM(l.amount) FROM ledger l WHERE l.hold_id = s.id AND l.kind = 'lease_spend' AND l.account = s.account), 0) AS BIGINT), \
+         CAST(COALESCE((SELECT SUM(l.amount) FROM ledger l WHERE l.hold_id = s.id AND l.kind = 'lease_return' AND l.account = s.account), 0) AS BIGINT) \
+         FROM leases s ORDER BY s.id",
+            &[],
+        )
+        .await?
+    {
+        let (id, state, credits, spent) = (r.text(0)?, r.text(1)?, r.i64(2)?, r.i64(3)?);
+        let (grants, spends, returned) = (r.i64(4)?, r.i64(5)?, r.i64(6)?);
+        if grants != 1 {
+            problems.push(format!("lease {id}: {grants} lease ledger rows of {credits}; expected 1"));
+        }
+        if spends != spent {
+            problems.push(format!("lease {id}: spent {spent} != ledger sum of its spends {spends}"));
+        }
+        let expected_return = if state == "open" { 0 } else { credits - spent };
+        if returned != expected_return {
+            problems.push(format!(
+                "lease {id} ({state}): {returned} returned in the ledger; expected {expected_return}"
+            ));
+        }
+    }
+    for r in tx
+        .rows(
+            "SELECT l.id, COALESCE(l.hold_id, '') FROM ledger l WHERE l.kind IN ('lease', 'lease_spend', 'lease_return') \
+             AND NOT EXISTS (SELECT 1 FROM leases s WHERE s.id = l.hold_id AND s.account = l.account) ORDER BY l.id",
+            &[],
+        )
+        .await?
+    {
+        problems.push(format!("ledger row {}: names no lease of its account ({:?})", r.i64(0)?, r.text(1)?));
     }
     Ok(CheckReport {
         accounts,

@@ -84,6 +84,7 @@ mod accounts;
 mod debits;
 mod holds;
 mod keys;
+mod leases;
 mod ledger;
 mod limits;
 mod refunds;
@@ -100,6 +101,11 @@ pub use holds::{
 pub use keys::{
     create_key, list_keys, lookup_key, revoke_by_prefix, revoke_prefix_of, touch_key,
     ActiveTokenCount, CreateKey, ListKeys, LookupKey, Revoke, RevokeOwn, TouchKey,
+};
+pub use leases::{
+    grant_lease, report_lease, validate_spends, DueLeaseAccounts, ExpireAccountLeases, GrantLease, LeaseOutcome,
+    LeaseReceipt, LeaseRequest, LeaseView, OpenLeaseCount, OpenLeases, ReportLease, ReportOutcome, ReportReceipt,
+    Spend, SpendRefusal, LEASE_CREDITS, LEASE_FACTOR, LEASE_TTL_SECONDS, MAX_SPENDS_PER_REPORT,
 };
 pub use ledger::{check, Check, Ledger, LedgerBalance, LedgerPage, LedgerRowCount};
 pub use limits::{rate_limit, RateTake};
