@@ -34,7 +34,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
             context_id,
-            lease_calls: std::collections::HashMap::new(),
+            lease_calls: Vec::new(),
             config: None,
             metrics: Rc::new(Metrics::default()),
             jwks: Rc::new(RefCell::new(JwksCache::default())),
@@ -49,7 +49,7 @@ proxy_wasm::main! {{
 struct Root {
     context_id: u32,
     /// Lease calls in flight (token → what it is about).
-    lease_calls: std::collections::HashMap<u32, LeaseCallKind>,
+    lease_calls: Vec<(u32, LeaseCallKind)>,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
     jwks: Rc<RefCell<JwksCache>>,
@@ -122,7 +122,7 @@ impl Root {
             self.metrics.count(metrics::LEASE_CALLS);
             match self.dispatch_http_call(&cfg.service.cluster, headers, Some(&call.body), vec![], timeout) {
                 Ok(token) => {
-                    self.lease_calls.insert(token, call.kind);
+                    self.lease_calls.push((token, call.kind));
                 }
                 Err(status) => {
                     log::warn!("cannot call cluster {:?} for a lease: {status:?}", cfg.service.cluster);
@@ -271,7 +271,8 @@ impl Metrics {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        if let Some(kind) = self.lease_calls.remove(&token_id) {
+        if let Some(i) = self.lease_calls.iter().position(|(t, _)| *t == token_id) {
+            let (_, kind) = self.lease_calls.swap_remove(i);
             if let Some(cfg) = self.config.clone() {
                 if let Some(lease_cfg) = cfg.service.lease.as_ref() {
                     let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);

@@ -34,27 +34,50 @@
 //!   spend's key is recorded once) and nothing is overdrawn (spends come out
 //!   of credits the service already holds).
 
-use std::collections::HashMap;
-
-use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use crate::credits_api::{self, CallOutcome, ServiceError};
 use crate::policy::LeaseConfig;
 
 /// Spends per report (the service's own limit is 1000).
 pub const MAX_SPENDS_PER_REPORT: usize = 500;
-/// Accounts whose leases one VM keeps track of at most.
-pub const MAX_ACCOUNTS: usize = 4096;
+/// Accounts whose leases one VM keeps track of at most (a lease is worth
+/// having only for an account busy on this VM; a short list is scanned).
+pub const MAX_ACCOUNTS: usize = 256;
 
 /// One charged request, to be reported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spend {
     pub idempotency_key: String,
     pub amount: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<String>,
+}
+
+impl Spend {
+    fn to_json(&self) -> Value {
+        let mut v = json!({ "idempotency_key": self.idempotency_key, "amount": self.amount });
+        if let Some(o) = v.as_object_mut() {
+            if let Some(r) = &self.route {
+                o.insert("route".into(), Value::from(r.as_str()));
+            }
+            if let Some(k) = &self.key_prefix {
+                o.insert("key_prefix".into(), Value::from(k.as_str()));
+            }
+        }
+        v
+    }
+}
+
+/// A service answer as a JSON object (Value: the parser the x402 code
+/// already brings, so leases add no deserializer to the .wasm).
+fn answer_object(outcome: CallOutcome, not_found_ok: bool) -> Result<Option<Value>, ServiceError> {
+    let (status, body) = credits_api::answered(outcome)?;
+    match status {
+        200 => credits_api::object::<Value>(&body).map(Some),
+        404 if not_found_ok => Ok(None),
+        other => Err(ServiceError::Status(other)),
+    }
 }
 
 /// A request's claim on a lease, settled when the upstream answers.
@@ -130,56 +153,49 @@ pub struct LeaseStats {
     pub lost: u32,
 }
 
+/// Accounts and their leases: a short list (a map type of its own would
+/// cost the .wasm more than the scan costs a request).
+#[derive(Debug, Default)]
+struct Accounts(Vec<(String, AccountLeases)>);
+
+impl Accounts {
+    fn get(&self, account: &str) -> Option<&AccountLeases> {
+        self.0.iter().find(|(a, _)| a == account).map(|(_, e)| e)
+    }
+    fn get_mut(&mut self, account: &str) -> Option<&mut AccountLeases> {
+        self.0.iter_mut().find(|(a, _)| a == account).map(|(_, e)| e)
+    }
+    fn contains_key(&self, account: &str) -> bool {
+        self.get(account).is_some()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn insert(&mut self, account: String, e: AccountLeases) {
+        self.0.push((account, e));
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// This VM's leases, per account.
 #[derive(Debug, Default)]
 pub struct LeaseBook {
-    accounts: HashMap<String, AccountLeases>,
+    accounts: Accounts,
     /// Names this VM in lease requests (and makes their keys unique).
     holder: String,
     requests: u64,
     stats: LeaseStats,
 }
 
-#[derive(Serialize)]
-struct GrantBody<'a> {
-    account: &'a str,
-    credits: u64,
-    ttl_seconds: u64,
-    min_balance_factor: u64,
-    idempotency_key: &'a str,
-    holder: &'a str,
-}
-
-#[derive(Serialize)]
-struct ReportBody<'a> {
-    spends: &'a [Spend],
-    #[serde(rename = "final")]
-    final_report: bool,
-}
-
-#[derive(Deserialize)]
-struct Granted {
-    granted: bool,
-    #[serde(default)]
-    lease_id: Option<String>,
-    #[serde(default)]
-    account: Option<String>,
-    #[serde(default)]
-    credits: Option<u64>,
-    balance: i64,
-    #[serde(default)]
-    ttl_seconds: Option<u64>,
-}
-
-#[derive(Deserialize)]
+/// What a report's answer says.
 struct Reported {
     lease_id: String,
-    state: String,
-    #[serde(default)]
+    open: bool,
     recall: bool,
     balance: i64,
-    #[serde(default)]
-    refused: Vec<serde::de::IgnoredAny>,
+    refused: usize,
 }
 
 fn valid_lease_id(id: &str) -> bool {
@@ -283,19 +299,20 @@ impl LeaseBook {
         let report_ms = i64::try_from(cfg.report_ms).unwrap_or(i64::MAX);
         let mut calls = Vec::new();
         let holder = self.holder.clone();
-        for (account, entry) in self.accounts.iter_mut() {
+        for (account, entry) in self.accounts.0.iter_mut() {
             if entry.asking == Asking::Wanted {
                 self.requests += 1;
                 let key = format!("{holder}:{}", self.requests);
-                let body = serde_json::to_vec(&GrantBody {
-                    account,
-                    credits: cfg.credits,
-                    ttl_seconds: cfg.ttl_seconds,
-                    min_balance_factor: cfg.min_balance_factor,
-                    idempotency_key: &key,
-                    holder: &holder,
+                let body = json!({
+                    "account": account,
+                    "credits": cfg.credits,
+                    "ttl_seconds": cfg.ttl_seconds,
+                    "min_balance_factor": cfg.min_balance_factor,
+                    "idempotency_key": key,
+                    "holder": holder,
                 })
-                .unwrap_or_default();
+                .to_string()
+                .into_bytes();
                 calls.push(LeaseCall {
                     path: cfg.path.clone(),
                     body,
@@ -328,7 +345,8 @@ impl LeaseBook {
                 // A final report carries every spend (more than one batch's
                 // worth: the rest go first, in non-final reports).
                 let final_report = final_report && lease.unreported.is_empty();
-                let body = serde_json::to_vec(&ReportBody { spends: &batch, final_report }).unwrap_or_default();
+                let spends: Vec<Value> = batch.iter().map(Spend::to_json).collect();
+                let body = json!({ "spends": spends, "final": final_report }).to_string().into_bytes();
                 calls.push(LeaseCall {
                     path: format!("{}/{}/report", cfg.path, lease.id),
                     body,
@@ -341,7 +359,7 @@ impl LeaseBook {
         self.stats.reports += u32::try_from(calls.iter().filter(|c| matches!(c.kind, LeaseCallKind::Report { .. })).count())
             .unwrap_or(u32::MAX);
         // Accounts with nothing left to track are forgotten.
-        self.accounts.retain(|_, e| !e.leases.is_empty() || e.asking != Asking::No);
+        self.accounts.0.retain(|(_, e)| !e.leases.is_empty() || e.asking != Asking::No);
         calls
     }
 
@@ -350,26 +368,29 @@ impl LeaseBook {
         let Some(entry) = self.accounts.get_mut(account) else { return };
         let retry_ms = i64::try_from(cfg.report_ms.saturating_mul(5).max(1000)).unwrap_or(i64::MAX);
         entry.asking = Asking::Declined { until_ms: now_ms.saturating_add(retry_ms) };
-        let answer: Result<Granted, ServiceError> =
-            credits_api::answered(outcome).and_then(|(status, body)| match status {
-                200 => credits_api::object(&body),
-                other => Err(ServiceError::Status(other)),
-            });
-        let Ok(g) = answer else { return };
-        if g.balance >= 0 {
-            entry.available = g.balance;
+        let Ok(Some(g)) = answer_object(outcome, false) else { return };
+        let (Some(granted), Some(balance)) = (g.get("granted").and_then(Value::as_bool), g.get("balance").and_then(Value::as_i64))
+        else {
+            return;
+        };
+        if balance >= 0 {
+            entry.available = balance;
         }
-        if !g.granted {
+        if !granted {
             self.stats.declined += 1;
             return;
         }
-        let (Some(id), Some(credits)) = (g.lease_id, g.credits) else { return };
+        let (Some(id), Some(credits)) = (g.get("lease_id").and_then(Value::as_str), g.get("credits").and_then(Value::as_u64))
+        else {
+            return;
+        };
         // Trust only the lease we asked for, for this account and size.
-        if !valid_lease_id(&id) || g.account.as_deref() != Some(account) || credits != cfg.credits || g.balance < 0 {
+        if !valid_lease_id(id) || g.get("account").and_then(Value::as_str) != Some(account) || credits != cfg.credits || balance < 0 {
             return;
         }
-        let ttl_ms = i64::try_from(g.ttl_seconds.unwrap_or(cfg.ttl_seconds).min(cfg.ttl_seconds).saturating_mul(1000))
-            .unwrap_or(i64::MAX);
+        let id = id.to_owned();
+        let ttl = g.get("ttl_seconds").and_then(Value::as_u64).unwrap_or(cfg.ttl_seconds).min(cfg.ttl_seconds);
+        let ttl_ms = i64::try_from(ttl.saturating_mul(1000)).unwrap_or(i64::MAX);
         let report_ms = i64::try_from(cfg.report_ms).unwrap_or(i64::MAX);
         let lease = Lease {
             id,
@@ -397,12 +418,23 @@ impl LeaseBook {
         let Some(pos) = entry.leases.iter().position(|l| l.id == lease_id) else { return };
         let Some(lease) = entry.leases.get_mut(pos) else { return };
         let Some((batch, final_report)) = lease.reporting.take() else { return };
-        let answer: Result<Option<Reported>, ServiceError> =
-            credits_api::answered(outcome).and_then(|(status, body)| match status {
-                200 => credits_api::object(&body).map(Some),
-                404 => Ok(None),
-                other => Err(ServiceError::Status(other)),
-            });
+        let answer = answer_object(outcome, true).and_then(|v| match v {
+            None => Ok(None),
+            Some(v) => match (
+                v.get("lease_id").and_then(Value::as_str),
+                v.get("state").and_then(Value::as_str),
+                v.get("balance").and_then(Value::as_i64),
+            ) {
+                (Some(id), Some(state), Some(balance)) => Ok(Some(Reported {
+                    lease_id: id.to_owned(),
+                    open: state == "open",
+                    recall: v.get("recall").and_then(Value::as_bool).unwrap_or(false),
+                    balance,
+                    refused: v.get("refused").and_then(Value::as_array).map_or(0, Vec::len),
+                })),
+                _ => Err(ServiceError::Garbage),
+            },
+        });
         match answer {
             // Not recorded (the service is down or said something we cannot
             // read): the same spends go again next round (idempotent).
@@ -427,8 +459,8 @@ impl LeaseBook {
                 if r.balance >= 0 {
                     entry.available = r.balance;
                 }
-                self.stats.lost += u32::try_from(r.refused.len()).unwrap_or(u32::MAX);
-                if r.state != "open" {
+                self.stats.lost += u32::try_from(r.refused).unwrap_or(u32::MAX);
+                if !r.open {
                     // Closed: by our final report, or by the service (expired).
                     if final_report {
                         self.stats.returned += 1;
@@ -450,8 +482,9 @@ impl LeaseBook {
     /// send anything). Returns the spends that were not reported.
     pub fn unreported(&self) -> usize {
         self.accounts
-            .values()
-            .flat_map(|e| e.leases.iter())
+            .0
+            .iter()
+            .flat_map(|(_, e)| e.leases.iter())
             .map(|l| l.unreported.len() + l.reporting.as_ref().map_or(0, |(b, _)| b.len()))
             .sum()
     }

@@ -129,7 +129,7 @@ fn a_lease_is_granted_only_with_room_to_spare_and_each_spend_is_one_ledger_row()
         assert_eq!(r["refused"][0]["reason"], json!("lease_closed"), "{r}");
         assert_eq!(f.balance(), (80, 0));
 
-        let mut store = b.open();
+        let store = b.open();
         let rows = store.ledger(ACCOUNT, 100).unwrap();
         let spends: Vec<_> = rows.iter().filter(|e| e.kind == "lease_spend").collect();
         assert_eq!(spends.len(), 5, "one ledger row per charged request");

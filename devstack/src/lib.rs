@@ -729,6 +729,31 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// The operator's view of an account (`GET /v1/admin/accounts/{id}`:
+    /// available, held, open leases); needs `admin_key`.
+    pub fn account_admin(&self, account: &str) -> Result<Value, String> {
+        let key = self.opts.admin_key.as_deref().ok_or("the stack has no admin key")?;
+        let url = format!("{}/v1/admin/accounts/{}", self.credits_url(), account.replace(':', "%3A"));
+        ureq::get(&url)
+            .set(SERVICE_KEY_HEADER, &self.service_key)
+            .set("authorization", &format!("Bearer {key}"))
+            .call()
+            .map_err(|e| e.to_string())?
+            .into_json()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Kills the first Envoy with SIGKILL, as a crash would (its VMs' state,
+    /// unreported lease spends included, dies with it).
+    pub fn kill_envoy(&mut self) {
+        if let Some(mut c) = self.envoy.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         let mut children: Vec<Child> = self.more_envoys.drain(..).map(|(c, _, _)| c).collect();

@@ -4,6 +4,7 @@
 //! spends are reported on the tick with their idempotency keys, and a spent,
 //! recalled or expiring lease is returned and requests fall back to
 //! per-request holds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 

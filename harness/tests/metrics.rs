@@ -217,8 +217,110 @@ fn hold_response(p: &mut Plugin, upstream_status: &str, settlement: &str) {
     assert!(s.response_resumed(), "the upstream's {upstream_status} is delivered");
 }
 
+const LEASE_ID: &str = "lease_00000000000000000000000b";
+
+/// The demo policy with leases of 4 credits (granted from 8 available, so
+/// the 9 a held SMS shows is room), reported every 200 ms.
+fn lease_config() -> Value {
+    let mut cfg = demo_config();
+    cfg["credits_service"]["lease"] = json!({"credits": 4, "report_ms": 200, "ttl_seconds": 30, "min_balance_factor": 2});
+    cfg
+}
+
+/// A held, captured SMS that shows 9 credits.
+fn held_sms(p: &mut Plugin) {
+    hold_response(p, "200", "captured");
+}
+
+/// The tick's lease request, answered with `answer`.
+fn lease_round(p: &mut Plugin, answer: CallAnswer) {
+    p.tick().unwrap();
+    let ask = p.pending_callouts().into_iter().next().expect("a lease call on the tick");
+    p.answer(ask.token, answer).unwrap();
+}
+
+fn lease_granted() -> CallAnswer {
+    CallAnswer::json(200, &json!({"granted": true, "lease_id": LEASE_ID, "account": USER, "credits": 4, "balance": 5, "ttl_seconds": 30}))
+}
+
+fn with_lease(p: &mut Plugin) {
+    held_sms(p);
+    lease_round(p, lease_granted());
+}
+
+/// An SMS paid from the lease: no callout; the upstream answers 200.
+fn leased_sms(p: &mut Plugin) {
+    let mut s = p.http().unwrap();
+    s.request(&request("POST", SMS, &[("authorization", &key_auth())])).unwrap();
+    assert!(matches!(s.outcome(), Outcome::Passed(_)), "{:?}", s.outcome());
+    assert!(s.callouts().is_empty());
+    s.send_response_headers(&[(":status", "200")]).unwrap();
+}
+
+fn lease_report(p: &mut Plugin, state: &str, recall: bool, refused: usize) {
+    p.advance(std::time::Duration::from_millis(200));
+    let refused: Vec<Value> = (0..refused).map(|i| json!({"idempotency_key": format!("k{i}"), "reason": "lease_closed"})).collect();
+    lease_round(p, CallAnswer::json(200, &json!({"lease_id": LEASE_ID, "state": state, "recall": recall, "balance": 4, "refused": refused})));
+}
+
 fn table() -> Vec<Case> {
     vec![
+        // --- Credit leases (the tick's calls are the root context's).
+        Case {
+            what: "a lease asked for on the tick and granted",
+            config: lease_config,
+            env: &[],
+            setup: held_sms,
+            run: |p| lease_round(p, lease_granted()),
+            expect: &[("dialtone.lease.calls", 1), ("dialtone.lease.granted", 1)],
+        },
+        Case {
+            what: "a lease asked for and declined",
+            config: lease_config,
+            env: &[],
+            setup: held_sms,
+            run: |p| lease_round(p, CallAnswer::json(200, &json!({"granted": false, "balance": 9, "needed": 20, "recalling": false}))),
+            expect: &[("dialtone.lease.calls", 1), ("dialtone.lease.declined", 1)],
+        },
+        Case {
+            what: "a paid request spent from the lease, then reported",
+            config: lease_config,
+            env: &[],
+            setup: with_lease,
+            run: |p| {
+                leased_sms(p);
+                lease_report(p, "open", false, 0);
+            },
+            expect: &[
+                ("dialtone.allowed.apikey", 1),
+                ("dialtone.cache.key.hit", 1),
+                ("dialtone.lease.spent", 1),
+                ("dialtone.lease.calls", 1),
+                ("dialtone.lease.reports", 1),
+            ],
+        },
+        Case {
+            what: "a lease recalled, then returned",
+            config: lease_config,
+            env: &[],
+            setup: with_lease,
+            run: |p| {
+                lease_report(p, "open", true, 0);
+                lease_report(p, "closed", false, 0);
+            },
+            expect: &[("dialtone.lease.calls", 2), ("dialtone.lease.reports", 2), ("dialtone.lease.recalled", 1), ("dialtone.lease.returned", 1)],
+        },
+        Case {
+            what: "a spend the service refused (its lease expired first)",
+            config: lease_config,
+            env: &[],
+            setup: |p| {
+                with_lease(p);
+                leased_sms(p);
+            },
+            run: |p| lease_report(p, "closed", false, 1),
+            expect: &[("dialtone.lease.calls", 1), ("dialtone.lease.reports", 1), ("dialtone.lease.spent", 1), ("dialtone.lease.lost", 1)],
+        },
         // --- Allowed, by credential.
         Case {
             what: "a Privy session on a free route",
