@@ -478,8 +478,7 @@ impl LeaseBook {
         }
     }
 
-    /// Drops every lease without reporting (a VM being torn down cannot
-    /// send anything). Returns the spends that were not reported.
+    /// Spends not yet recorded by the service (queued or in a report in flight).
     pub fn unreported(&self) -> usize {
         self.accounts
             .0
@@ -507,18 +506,6 @@ impl LeaseBook {
             .iter()
             .find(|l| !l.closing)
             .map(|l| (l.id.as_str(), l.remaining, l.reserved))
-    }
-
-    /// Credits held in this VM's leases of `account` and not yet spent.
-    pub fn idle_credits(&self, account: &str) -> u64 {
-        self.accounts
-            .get(account)
-            .map_or(0, |e| e.leases.iter().map(|l| l.remaining).sum())
-    }
-
-    /// Credits of a lease (for tests and logs).
-    pub fn lease_credits(&self, account: &str) -> u64 {
-        self.accounts.get(account).map_or(0, |e| e.leases.iter().map(|l| l.credits).sum())
     }
 }
 
