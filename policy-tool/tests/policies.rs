@@ -429,6 +429,7 @@ fn schema_covers_every_field_of_raw_rs() {
             "RateLimit" => "/$defs/rate_limit/properties",
             "RawJwksFetch" => "/$defs/jwks_fetch/properties",
             "RawFacilitator" => "/$defs/x402_facilitator/properties",
+            "RawLease" => "/$defs/credits_service/properties/lease/properties",
             other => panic!("raw.rs has a struct {other} the schema does not know: add it"),
         }
     };
