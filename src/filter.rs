@@ -133,10 +133,14 @@ impl Root {
         self.count_lease_stats();
     }
 
-    fn lease_answered(&self, lease_cfg: &crate::policy::LeaseConfig, kind: LeaseCallKind, outcome: CallOutcome, now_ms: i64) {
+    /// `true`: more is due now (see `LeaseBook::reported`).
+    fn lease_answered(&self, lease_cfg: &crate::policy::LeaseConfig, kind: LeaseCallKind, outcome: CallOutcome, now_ms: i64) -> bool {
         let mut caches = self.caches.borrow_mut();
         match kind {
-            LeaseCallKind::Grant { account } => caches.leases.granted(lease_cfg, &account, outcome, now_ms),
+            LeaseCallKind::Grant { account } => {
+                caches.leases.granted(lease_cfg, &account, outcome, now_ms);
+                false
+            }
             LeaseCallKind::Report { account, lease_id } => caches.leases.reported(&account, &lease_id, outcome),
         }
     }
@@ -277,7 +281,9 @@ impl Context for Root {
                 if let Some(lease_cfg) = cfg.service.lease.as_ref() {
                     let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);
                     let now_ms = unix_millis(self.get_current_time());
-                    self.lease_answered(lease_cfg, kind, outcome, now_ms);
+                    if self.lease_answered(lease_cfg, kind, outcome, now_ms) {
+                        self.lease_round();
+                    }
                     self.count_lease_stats();
                 }
             }

@@ -22,6 +22,10 @@
 //! - **Charge on success.** A spend waits (`reserved`) until the upstream
 //!   answers: 2xx/3xx makes it a charge to report, anything else returns it
 //!   to the lease.
+//! - **Renewed before it runs out.** When the lease being spent has less
+//!   than a quarter left and the service last said the account has room
+//!   for another, the next lease is asked for; at most two are open per
+//!   account (the one being spent and the next).
 //! - **Given back.** A lease is returned (a `final` report) when it is
 //!   spent, when it has been idle for `idle_ms`, when its local deadline
 //!   (the service's expiry less two report rounds) passes, and when the
@@ -29,7 +33,7 @@
 //!   while the lease held credits).
 //! - **Bounded loss.** If the VM dies, what it spent since its last report
 //!   is never recorded (the service closes the lease at its expiry and gives
-//!   back the unspent credits): at most one lease's `credits`, and in
+//!   back the unspent credits): at most two leases' `credits`, and in
 //!   practice the spends of one `report_ms`. Nothing is charged twice (each
 //!   spend's key is recorded once) and nothing is overdrawn (spends come out
 //!   of credits the service already holds).
@@ -221,21 +225,20 @@ impl LeaseBook {
     /// pay it now. `None`: charge this request the usual way.
     pub fn try_spend(&mut self, account: &str, spend: Spend, now_ms: i64) -> Option<Ticket> {
         let entry = self.accounts.get_mut(account)?;
-        let lease = entry.leases.iter_mut().find(|l| !l.closing)?;
-        if now_ms >= lease.spend_until_ms {
-            lease.closing = true;
-            return None;
+        // The oldest open lease pays; a spent or expiring one is given back
+        // and the next (asked for when the first ran low) takes over.
+        for lease in entry.leases.iter_mut().filter(|l| !l.closing) {
+            if now_ms >= lease.spend_until_ms || lease.remaining < spend.amount {
+                lease.closing = true;
+                continue;
+            }
+            lease.remaining -= spend.amount;
+            lease.reserved += spend.amount;
+            lease.last_spend_ms = now_ms;
+            self.stats.spends += 1;
+            return Some(Ticket { account: account.to_owned(), lease_id: lease.id.clone(), spend });
         }
-        if lease.remaining < spend.amount {
-            // Spent: give it back; the next per-request charge may ask for another.
-            lease.closing = true;
-            return None;
-        }
-        lease.remaining -= spend.amount;
-        lease.reserved += spend.amount;
-        lease.last_spend_ms = now_ms;
-        self.stats.spends += 1;
-        Some(Ticket { account: account.to_owned(), lease_id: lease.id.clone(), spend })
+        None
     }
 
     /// Credits this VM believes the account has (the service's last word on
@@ -299,7 +302,23 @@ impl LeaseBook {
         let report_ms = i64::try_from(cfg.report_ms).unwrap_or(i64::MAX);
         let mut calls = Vec::new();
         let holder = self.holder.clone();
+        let needed = i64::try_from(cfg.credits.saturating_mul(cfg.min_balance_factor)).unwrap_or(i64::MAX);
         for (account, entry) in self.accounts.0.iter_mut() {
+            // Running low (under a quarter left) with room to spare: ask for
+            // the next lease now, so requests never wait for one. At most
+            // two open leases per account: the one being spent and the next.
+            let mut open = entry.leases.iter().filter(|l| !l.closing);
+            let low = match (open.next(), open.next()) {
+                (Some(l), None) => l.remaining.saturating_mul(4) < l.credits,
+                _ => false,
+            };
+            if low && entry.available >= needed {
+                match entry.asking {
+                    Asking::No => entry.asking = Asking::Wanted,
+                    Asking::Declined { until_ms } if now_ms >= until_ms => entry.asking = Asking::Wanted,
+                    _ => {}
+                }
+            }
             if entry.asking == Asking::Wanted {
                 self.requests += 1;
                 let key = format!("{holder}:{}", self.requests);
@@ -320,11 +339,15 @@ impl LeaseBook {
                 });
                 entry.asking = Asking::InFlight { key };
             }
+            // Only the lease being spent can be idle (the next one waits).
+            let mut first_open = true;
             for lease in entry.leases.iter_mut() {
-                if !lease.closing
-                    && (now_ms >= lease.spend_until_ms || now_ms.saturating_sub(lease.last_spend_ms) >= idle_ms)
-                {
+                let idle = first_open && now_ms.saturating_sub(lease.last_spend_ms) >= idle_ms;
+                if !lease.closing && (now_ms >= lease.spend_until_ms || idle) {
                     lease.closing = true;
+                }
+                if !lease.closing {
+                    first_open = false;
                 }
                 if lease.reporting.is_some() {
                     continue;
@@ -388,6 +411,10 @@ impl LeaseBook {
         if !valid_lease_id(id) || g.get("account").and_then(Value::as_str) != Some(account) || credits != cfg.credits || balance < 0 {
             return;
         }
+        if entry.leases.iter().any(|l| l.id == id) {
+            entry.asking = Asking::No;
+            return;
+        }
         let id = id.to_owned();
         let ttl = g.get("ttl_seconds").and_then(Value::as_u64).unwrap_or(cfg.ttl_seconds).min(cfg.ttl_seconds);
         let ttl_ms = i64::try_from(ttl.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -404,20 +431,24 @@ impl LeaseBook {
             last_report_ms: now_ms,
             unreported: Vec::new(),
             reporting: None,
-            // A second lease while one is active (a replayed answer): return it.
-            closing: entry.leases.iter().any(|l| !l.closing),
+            // A third open lease (a replayed answer): return it.
+            closing: entry.leases.iter().filter(|l| !l.closing).count() >= 2,
         };
         entry.leases.push(lease);
         entry.asking = Asking::No;
         self.stats.granted += 1;
     }
 
-    /// A report was answered (or failed).
-    pub fn reported(&mut self, account: &str, lease_id: &str, outcome: CallOutcome) {
-        let Some(entry) = self.accounts.get_mut(account) else { return };
-        let Some(pos) = entry.leases.iter().position(|l| l.id == lease_id) else { return };
-        let Some(lease) = entry.leases.get_mut(pos) else { return };
-        let Some((batch, final_report)) = lease.reporting.take() else { return };
+    /// A report was answered (or failed). `true`: it was recorded and more
+    /// is due now (a backlog of full batches, or the final report), so the
+    /// glue sends the next round at once instead of at the next tick: a
+    /// busy lease is never reported slower than it is spent. A failed
+    /// report waits for the next tick.
+    pub fn reported(&mut self, account: &str, lease_id: &str, outcome: CallOutcome) -> bool {
+        let Some(entry) = self.accounts.get_mut(account) else { return false };
+        let Some(pos) = entry.leases.iter().position(|l| l.id == lease_id) else { return false };
+        let Some(lease) = entry.leases.get_mut(pos) else { return false };
+        let Some((batch, final_report)) = lease.reporting.take() else { return false };
         let answer = answer_object(outcome, true).and_then(|v| match v {
             None => Ok(None),
             Some(v) => match (
@@ -454,7 +485,7 @@ impl LeaseBook {
                     let mut again = batch;
                     again.append(&mut lease.unreported);
                     lease.unreported = again;
-                    return;
+                    return false;
                 }
                 if r.balance >= 0 {
                     entry.available = r.balance;
@@ -470,12 +501,16 @@ impl LeaseBook {
                     // Requests still reserved on it are charged nowhere: the
                     // `settle` of their tickets counts them as lost.
                     entry.leases.remove(pos);
-                } else if r.recall && !lease.closing {
-                    lease.closing = true;
-                    self.stats.recalled += 1;
+                } else {
+                    if r.recall && !lease.closing {
+                        lease.closing = true;
+                        self.stats.recalled += 1;
+                    }
+                    return lease.unreported.len() >= MAX_SPENDS_PER_REPORT || (lease.closing && lease.reserved == 0);
                 }
             }
         }
+        false
     }
 
     /// Spends not yet recorded by the service (queued or in a report in flight).
@@ -605,6 +640,75 @@ mod tests {
         book.reported("acct", "lease_a", report_answer("lease_a", "closed", false));
         assert_eq!(book.active("acct"), None);
         assert_eq!(book.take_stats().returned, 1);
+    }
+
+    #[test]
+    fn a_lease_running_low_brings_the_next_one_before_it_runs_out() {
+        let mut book = leased();
+        // 10 credits, 9 spent: under a quarter left, and 90 available ≥ 40.
+        let t = book.try_spend("acct", spend("k1", 9), 10).unwrap();
+        book.settle(t, true);
+        let calls = book.due(&cfg(), 20);
+        assert_eq!(calls.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["/v1/leases"]);
+        book.granted(&cfg(), "acct", grant_answer("lease_b", 70), 20);
+        // The next one waits while the first is spent, idle or not.
+        let t = book.try_spend("acct", spend("k2", 1), 1_500).unwrap();
+        assert_eq!(t.lease_id, "lease_a");
+        book.settle(t, true);
+        let beats = book.due(&cfg(), 2_500);
+        assert!(!beats.is_empty() && beats.iter().all(|c| !String::from_utf8_lossy(&c.body).contains("\"final\":true")));
+        for id in ["lease_a", "lease_b"] {
+            book.reported("acct", id, report_answer(id, "open", false));
+        }
+        // The first is spent: the next pays, no request waits for a grant.
+        let t = book.try_spend("acct", spend("k3", 1), 2_600).unwrap();
+        assert_eq!(t.lease_id, "lease_b");
+        book.settle(t, true);
+        let calls = book.due(&cfg(), 2_700);
+        let ret = calls.iter().find(|c| c.path == "/v1/leases/lease_a/report").unwrap();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&ret.body).unwrap()["final"], true);
+        assert!(calls.iter().all(|c| c.path != "/v1/leases"), "lease_b is not low: no third lease");
+        // A replayed grant of a lease already held adds nothing.
+        book.charged(&cfg(), "acct", 100, 2_800);
+        book.granted(&cfg(), "acct", grant_answer("lease_b", 70), 2_800);
+        assert_eq!(book.active("acct"), Some(("lease_b", 9, 0)));
+
+        // Low, but the service said there is no room for another: none asked.
+        let mut tight = leased();
+        assert_eq!(tight.due(&cfg(), 200).len(), 1, "a heartbeat");
+        tight.reported("acct", "lease_a", ok(serde_json::json!({ "lease_id": "lease_a", "state": "open", "recall": false, "balance": 39, "refused": [] })));
+        let t = tight.try_spend("acct", spend("k1", 9), 210).unwrap();
+        tight.settle(t, true);
+        assert!(tight.due(&cfg(), 220).is_empty());
+    }
+
+    #[test]
+    fn a_busy_lease_reports_full_batches_back_to_back_but_not_after_a_failure() {
+        let big = LeaseConfig { credits: 5_000, ..cfg() };
+        let mut book = LeaseBook::new("vm-1".into());
+        book.charged(&big, "acct", 100_000, 0);
+        let _ = book.due(&big, 0);
+        book.granted(&big, "acct", ok(serde_json::json!({ "granted": true, "lease_id": "lease_a", "account": "acct", "credits": 5_000, "balance": 95_000 })), 0);
+        for i in 0..1_100 {
+            let t = book.try_spend("acct", spend(&format!("k{i}"), 1), 1).unwrap();
+            book.settle(t, true);
+        }
+        let batch = |calls: Vec<LeaseCall>| -> usize {
+            assert_eq!(calls.len(), 1);
+            serde_json::from_slice::<serde_json::Value>(&calls[0].body).unwrap()["spends"].as_array().unwrap().len()
+        };
+        assert_eq!(batch(book.due(&big, 2)), MAX_SPENDS_PER_REPORT);
+        // Recorded, 600 left: the next full batch is due at once.
+        assert!(book.reported("acct", "lease_a", report_answer("lease_a", "open", false)));
+        assert_eq!(batch(book.due(&big, 3)), MAX_SPENDS_PER_REPORT);
+        // A failure waits for the tick (no retry loop against a service that is down).
+        assert!(!book.reported("acct", "lease_a", CallOutcome::Failed));
+        assert_eq!(book.unreported(), 600);
+        assert_eq!(batch(book.due(&big, 4)), MAX_SPENDS_PER_REPORT, "600 queued: a full batch is due");
+        // 100 left: they wait for the next round.
+        assert!(!book.reported("acct", "lease_a", report_answer("lease_a", "open", false)));
+        assert!(book.due(&big, 5).is_empty());
+        assert_eq!(batch(book.due(&big, 205)), 100);
     }
 
     #[test]

@@ -25,6 +25,9 @@
 //! - D5  dialtone, a Privy token, paid route, credits callout to the trivial stand-in
 //! - D4r dialtone, an API key, paid route, the real key/credits service (SQLite, one ledger write per request)
 //! - D4p the same on PostgreSQL (when BENCH_PG_URL is set: `make bench` starts one)
+//! - D4l, D4rl, D4pl: D4, D4r, D4p with credit leases (`credits_service.lease`:
+//!   leases of LEASE_CREDITS, reported every 200 ms): paid requests spend a
+//!   lease with no callout
 //! - X1  dialtone, an x402 payment (no Bearer): verify (stand-in facilitator), claim (stand-in credits service), upstream, settle (stand-in facilitator): three callouts
 //!
 //! Then the key/credits service alone, no Envoy: `dialtone-credits serve`
@@ -48,6 +51,10 @@
 //! - S3h the same, every client on one account
 //!
 //! Without BENCH_PG_URL, D4p and S2*/S3* say "not measured".
+//!
+//! For every variant with a key/credits cluster, the calls it made to it
+//! during the timed run (Envoy's `cluster.dialtone_credits.upstream_rq_total`)
+//! are reported per 10,000 requests.
 //!
 //! Environment: BENCH_SECONDS (10), BENCH_WARMUP_SECONDS (2),
 //! BENCH_CONNECTIONS (16), BENCH_ONLY ("A,W0,D1" or "S1,S2,S3": run only
@@ -78,6 +85,9 @@ const SCOPE: &str = "bench:read";
 /// Fresh tokens minted for D2/B2f: more than any run sends at their rate,
 /// and far more than the token cache holds, so none is ever seen twice.
 const FRESH_TOKENS: usize = 60_000;
+/// Credits per lease in the leasing variants: a little over a second of a
+/// paid route at full speed (the next lease is asked for at a quarter left).
+const LEASE_CREDITS: u64 = 10_000;
 
 fn main() {
     if let Err(e) = run() {
@@ -155,6 +165,8 @@ struct Measured {
     /// Busy share of CPU 0 (the Envoy under test) and CPU 1 (load + backend)
     /// during the timed run, from /proc/stat: which side was the bottleneck.
     cpu_busy: [f64; 2],
+    /// Calls to the key/credits cluster during the timed run.
+    service_calls: Option<u64>,
 }
 
 fn run() -> Result<(), String> {
@@ -254,8 +266,8 @@ fn run() -> Result<(), String> {
         if only.as_ref().is_some_and(|o| !o.iter().any(|id| id == v.id)) {
             continue;
         }
-        if v.id == "D4p" && setup.pg_port.is_none() {
-            eprintln!("bench: D4p skipped (no BENCH_PG_URL)");
+        if (v.id == "D4p" || v.id == "D4pl") && setup.pg_port.is_none() {
+            eprintln!("bench: {} skipped (no BENCH_PG_URL)", v.id);
             continue;
         }
         eprintln!("bench: {} — {}", v.id, v.what);
@@ -339,6 +351,7 @@ fn variants(s: &Setup, fresh: &Path) -> Vec<Variant> {
         port = s.backend.authz
     );
     let dialtone = |_: u16| wasm_filter(&s.paths.wasm, Some(&plugin_config(s)));
+    let leasing = wasm_filter(&s.paths.wasm, Some(&leasing_config(s)));
     let standin = s.backend.standin;
     vec![
         Variant { id: "A", what: "Envoy passthrough (router only)", filters: String::new(), path: "/free", load: Load::Fixed(None), credits_cluster_port: None },
@@ -356,6 +369,9 @@ fn variants(s: &Setup, fresh: &Path) -> Vec<Variant> {
         Variant { id: "D5", what: "dialtone: Privy token, paid route, debit callout to the trivial stand-in", filters: dialtone(standin), path: "/paid", load: Load::Fixed(bearer(&s.token)), credits_cluster_port: Some(standin) },
         Variant { id: "D4r", what: "dialtone: API key, paid route, real key/credits service (SQLite ledger)", filters: dialtone(s.credits_port), path: "/paid", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(s.credits_port) },
         Variant { id: "D4p", what: "dialtone: API key, paid route, real key/credits service (PostgreSQL)", filters: dialtone(s.pg_port.unwrap_or(0)), path: "/paid", load: Load::Fixed(bearer(&s.pg_api_key)), credits_cluster_port: s.pg_port },
+        Variant { id: "D4l", what: "dialtone: API key, paid route, credit leases from the trivial stand-in", filters: leasing.clone(), path: "/paid", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(standin) },
+        Variant { id: "D4rl", what: "dialtone: API key, paid route, credit leases from the real service (SQLite)", filters: leasing.clone(), path: "/paid", load: Load::Fixed(bearer(&s.api_key)), credits_cluster_port: Some(s.credits_port) },
+        Variant { id: "D4pl", what: "dialtone: API key, paid route, credit leases from the real service (PostgreSQL)", filters: leasing, path: "/paid", load: Load::Fixed(bearer(&s.pg_api_key)), credits_cluster_port: s.pg_port },
         Variant { id: "X1", what: "dialtone: x402 payment: verify, claim, settle callouts to trivial stand-ins", filters: dialtone(standin), path: "/x402", load: Load::Payment(payment_signature()), credits_cluster_port: Some(standin) },
     ]
 }
@@ -387,6 +403,14 @@ fn plugin_config(s: &Setup) -> String {
         ]
     })
     .to_string()
+}
+
+/// [`plugin_config`] with credit leases of [`LEASE_CREDITS`], reported every
+/// 200 ms.
+fn leasing_config(s: &Setup) -> String {
+    let mut cfg: Value = serde_json::from_str(&plugin_config(s)).unwrap_or_default();
+    cfg["credits_service"]["lease"] = json!({"credits": LEASE_CREDITS, "report_ms": 200, "ttl_seconds": 30, "min_balance_factor": 4});
+    cfg.to_string()
 }
 
 /// The bench's x402 requirement (the local test chain's values).
@@ -538,6 +562,36 @@ fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
         "state": "active", "expires_at": null, "balance": 1_000_000})
     .to_string();
     let debit = json!({"account": ACCOUNT, "charged": 1, "balance": 999_999, "replayed": false}).to_string();
+    // Leases: a granted lease needs an id of its own and a report's answer
+    // names the lease of its path, which a direct_response cannot do; a
+    // few lines of Lua in the stand-in answer both (and keep no balance: a
+    // report is answered "open", a final one "closed").
+    let leases = format!(
+        r#"
+          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  local n = 0
+                  function envoy_on_request(h)
+                    local path = h:headers():get(":path")
+                    if path == "/v1/leases" then
+                      n = n + 1
+                      h:respond({{[":status"] = "200", ["content-type"] = "application/json"}},
+                        '{{"granted":true,"lease_id":"lease_bench_' .. n .. '","account":"{ACCOUNT}","credits":{LEASE_CREDITS},"balance":999999,"ttl_seconds":30,"replayed":false}}')
+                      return
+                    end
+                    local id = string.match(path, "^/v1/leases/([%w_]+)/report$")
+                    if id then
+                      local body = h:body()
+                      local text = body and body:getBytes(0, body:length()) or ""
+                      local state = string.find(text, '"final":true', 1, true) and "closed" or "open"
+                      h:respond({{[":status"] = "200", ["content-type"] = "application/json"}},
+                        '{{"lease_id":"' .. id .. '","account":"{ACCOUNT}","state":"' .. state .. '","recall":false,"balance":999999,"refused":[]}}')
+                    end
+                  end"#
+    );
     let verify = json!({"isValid": true, "payer": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"}).to_string();
     let settle = json!({"success": true, "network": "eip155:31337", "payer": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
         "transaction": "0x5240caeb76e008a016ccfacb8faab06934f2937e25313e2923fb1ce9fd1d6009"})
@@ -574,20 +628,29 @@ fn backend_config(b: &Backend, admin: u16, key_prefix: &str) -> String {
             serde_json::to_string(body).unwrap_or_default()
         )
     };
+    // The Lua filter runs on the lease routes only: the other stand-in
+    // answers cost what they did before leases existed.
+    let no_lua = |route: String| {
+        format!(
+            "{route}\n                typed_per_filter_config:\n                  envoy.filters.http.lua:\n                    \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute\n                    disabled: true"
+        )
+    };
     let mut listeners = listener("upstream", b.upstream, answer("/", "ok"), "");
     listeners.push_str(&listener("authz", b.authz, answer("/", ""), buffer));
     listeners.push_str(&listener(
         "standin",
         b.standin,
         format!(
-            "{}{}{}{}{}",
-            answer("/v1/keys/lookup", &lookup),
-            answer("/v1/debit", &debit),
-            answer("/verify", &verify),
-            answer("/settle", &settle),
-            answer("/v1/x402/claims", &json!({"claim": claim_id(), "claimed": true}).to_string())
+            "{}{}{}{}{}{}",
+            no_lua(answer("/v1/keys/lookup", &lookup)),
+            no_lua(answer("/v1/debit", &debit)),
+            no_lua(answer("/verify", &verify)),
+            no_lua(answer("/settle", &settle)),
+            no_lua(answer("/v1/x402/claims", &json!({"claim": claim_id(), "claimed": true}).to_string())),
+            // Answered by the Lua filter before the router.
+            "\n              - match: { prefix: \"/v1/leases\" }\n                direct_response: { status: 404 }"
         ),
-        buffer,
+        &format!("{buffer}{leases}"),
     ));
     format!(
         "# Written by `make bench`: the backend (upstream, ext_authz server, credits stand-in).\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\nstatic_resources:\n  listeners:{listeners}\n"
@@ -956,21 +1019,34 @@ fn measure(s: &Setup, v: &Variant) -> Result<Measured, String> {
             .ok(),
         _ => None,
     };
+    let calls_before = v.credits_cluster_port.and_then(|_| service_calls(admin));
     let before = cpu_times();
     let out = wrk(s, &url, &script, s.seconds)?;
     let after = cpu_times();
+    let calls_after = v.credits_cluster_port.and_then(|_| service_calls(admin));
     if let Some(mut p) = perf {
         let _ = p.wait();
     }
     let mut m = parse_wrk(&out).ok_or_else(|| format!("{}: cannot read wrk's output:\n{out}", v.id))?;
     m.cpu_busy = cpu_busy(&before, &after);
     m.rss_kib = rss_kib(envoy.0.id()).unwrap_or(0);
+    m.service_calls = calls_before.zip(calls_after).map(|(b, a)| a.saturating_sub(b));
     if m.non_2xx > 0 || m.errors > 0 {
         return Err(format!("{}: {} non-2xx answers and {} socket errors: the numbers would lie\n{out}", v.id, m.non_2xx, m.errors));
     }
     std::fs::write(s.dir.join(format!("stats-{}.txt", v.id)), stats(admin)).map_err(|e| e.to_string())?;
     drop(envoy);
     Ok(m)
+}
+
+/// Requests the Envoy under test has sent to the key/credits cluster.
+fn service_calls(admin: u16) -> Option<u64> {
+    let text = ureq::get(&format!("http://127.0.0.1:{admin}/stats?filter=dialtone_credits.upstream_rq_total"))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    text.lines().find_map(|l| l.strip_prefix("cluster.dialtone_credits.upstream_rq_total:")).and_then(|v| v.trim().parse().ok())
 }
 
 fn stats(admin: u16) -> String {
@@ -1040,6 +1116,7 @@ fn parse_wrk(out: &str) -> Option<Measured> {
         errors,
         rss_kib: 0,
         cpu_busy: [0.0; 2],
+        service_calls: None,
     })
 }
 
@@ -1068,6 +1145,11 @@ fn cpu_times() -> Vec<(u64, u64)> {
             (total.saturating_sub(idle), total)
         })
         .collect()
+}
+
+/// Calls to the key/credits service per 10,000 requests of the timed run.
+fn per_10k(m: &Measured) -> Option<f64> {
+    m.service_calls.filter(|_| m.requests > 0).map(|c| c as f64 * 10_000.0 / m.requests as f64)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -1115,7 +1197,8 @@ fn report(s: &Setup, results: &[(Variant, Measured)], memory: &[(String, u64, u6
         rows.push(json!({"id": v.id, "what": v.what, "requests_per_second": m.rps, "ratio_to_A": ra, "ratio_to_W0": rw,
             "p50_us": m.p50_us, "p99_us": m.p99_us, "requests": m.requests, "envoy_rss_kib": m.rss_kib,
             "cpu0_busy": m.cpu_busy[0], "cpu1_busy": m.cpu_busy[1],
-            "envoy_rss_kib_over_W0": rss_w0.map(|w| m.rss_kib as i64 - w as i64)}));
+            "envoy_rss_kib_over_W0": rss_w0.map(|w| m.rss_kib as i64 - w as i64),
+            "service_calls": m.service_calls, "service_calls_per_10k_requests": per_10k(m)}));
     }
     // The issue's targets, as ratios within this run.
     let target = |name: &str, id: &str, base_id: &str, min: f64| {
@@ -1141,6 +1224,15 @@ fn report(s: &Setup, results: &[(Variant, Measured)], memory: &[(String, u64, u6
     if envoy {
         println!();
     }
+    // What leases save the key/credits service.
+    let with_calls: Vec<&(Variant, Measured)> = results.iter().filter(|(v, m)| v.path == "/paid" && m.service_calls.is_some()).collect();
+    if envoy && !with_calls.is_empty() {
+        println!("calls to the key/credits service per 10,000 paid requests (timed run):");
+        for (v, m) in with_calls {
+            println!("  {:<4} {:>9.1}  ({} calls, {} requests)", v.id, per_10k(m).unwrap_or(0.0), m.service_calls.unwrap_or(0), m.requests);
+        }
+        println!();
+    }
     let targets = vec![
         target("repeated Privy token, free route", "D1", "W0", 0.9),
         target("API key, free scoped route", "D3", "W0", 0.9),
@@ -1148,6 +1240,10 @@ fn report(s: &Setup, results: &[(Variant, Measured)], memory: &[(String, u64, u6
         target("real service on SQLite vs the stand-in, paid route", "D4r", "D4", 0.8),
         target("real service on PostgreSQL vs the stand-in, paid route", "D4p", "D4", 0.6),
         target("Privy token, paid route", "D5", "C", 1.0),
+        target("API key, paid route, credit leases", "D4l", "C", 1.2),
+        target("paid with leases vs free (API key)", "D4l", "D3", 0.85),
+        target("real service (SQLite) with leases vs the stand-in", "D4rl", "D4l", 0.8),
+        target("(for reference) real service (PostgreSQL) with leases", "D4pl", "D4l", 0.0),
         target("(for reference) the floor of one wasm callout", "W1", "C", 1.0),
         target("(for reference) the host-call floor of a free route", "W2", "W0", 0.9),
         target("fresh token every request", "D2", "B2", 0.5),

@@ -32,20 +32,97 @@ pub struct CaseFile {
     pub cases: Vec<Case>,
 }
 
+/// A case: one request on a fresh plugin (`request`, `callouts`,
+/// `upstream_response`, `expect`), or `steps` played in order on one plugin
+/// (requests and root-context ticks: what leases and caches do over time).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
     #[serde(default)]
     pub clock: Option<i64>,
-    pub request: CaseRequest,
+    #[serde(default)]
+    pub request: Option<CaseRequest>,
     #[serde(default)]
     pub callouts: Vec<ScriptedCallout>,
     /// If the request passes: the upstream's answer, shown to the filter
     /// (charge on success settles its hold here; the script of callouts goes on).
     #[serde(default)]
     pub upstream_response: Option<UpstreamResponse>,
-    pub expect: Expect,
+    #[serde(default)]
+    pub expect: Option<Expect>,
+    /// The filter's counters after the request (name → value; null = never defined).
+    #[serde(default)]
+    pub metrics: Map<String, Value>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// One step of a multi-step case: a request (as a single-request case
+/// has), or `tick: true` (the root context's timer fires; `callouts`
+/// scripts the calls it makes, e.g. lease requests and reports).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// The clock moves this many milliseconds before the step.
+    #[serde(default)]
+    pub advance_ms: u64,
+    #[serde(default)]
+    pub tick: bool,
+    #[serde(default)]
+    pub request: Option<CaseRequest>,
+    #[serde(default)]
+    pub callouts: Vec<ScriptedCallout>,
+    #[serde(default)]
+    pub upstream_response: Option<UpstreamResponse>,
+    #[serde(default)]
+    pub expect: Option<Expect>,
+    #[serde(default)]
+    pub metrics: Map<String, Value>,
+}
+
+/// What a step is, borrowed from a [`Step`] or from a single-request case.
+struct StepView<'a> {
+    advance_ms: u64,
+    /// `None`: a tick.
+    request: Option<(&'a CaseRequest, &'a Expect)>,
+    callouts: &'a [ScriptedCallout],
+    upstream_response: Option<&'a UpstreamResponse>,
+    metrics: &'a Map<String, Value>,
+}
+
+impl Case {
+    /// The case's steps, checked for shape (a request step needs `expect`,
+    /// a tick has neither request nor expectations of one).
+    fn steps(&self) -> Result<Vec<StepView<'_>>> {
+        if self.steps.is_empty() {
+            let (Some(request), Some(expect)) = (&self.request, &self.expect) else {
+                bail!("case {:?}: give `request` and `expect`, or `steps`", self.name);
+            };
+            return Ok(vec![StepView {
+                advance_ms: 0,
+                request: Some((request, expect)),
+                callouts: &self.callouts,
+                upstream_response: self.upstream_response.as_ref(),
+                metrics: &self.metrics,
+            }]);
+        }
+        if self.request.is_some() || self.expect.is_some() || !self.callouts.is_empty() || self.upstream_response.is_some() || !self.metrics.is_empty() {
+            bail!("case {:?}: with `steps`, requests and expectations go in the steps", self.name);
+        }
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let request = match (st.tick, &st.request, &st.expect) {
+                    (true, None, None) if st.upstream_response.is_none() => None,
+                    (false, Some(r), Some(e)) => Some((r, e)),
+                    _ => bail!("case {:?} step {}: a step is `tick: true` (with `callouts`, `metrics`) or a `request` with its `expect`", self.name, i + 1),
+                };
+                Ok(StepView { advance_ms: st.advance_ms, request, callouts: &st.callouts, upstream_response: st.upstream_response.as_ref(), metrics: &st.metrics })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,18 +372,43 @@ fn answer_of(r: &Respond) -> Result<CallAnswer> {
     }
 }
 
-/// Answers the stream's pending callouts from the case's script, in order.
-fn play_callouts(stream: &mut crate::plugin::HttpStream<'_>, case: &Case, made: &mut usize, diffs: &mut Vec<String>) -> Result<()> {
-    while let Some(callout) = stream.pending_callouts().into_iter().next() {
+/// Where callouts are answered: one HTTP stream, or the plugin (a tick's
+/// callouts belong to the root context).
+trait Callouts {
+    fn pending(&self) -> Vec<crate::host::Callout>;
+    fn answer_call(&mut self, token: u32, answer: CallAnswer) -> Result<()>;
+}
+
+impl Callouts for crate::plugin::HttpStream<'_> {
+    fn pending(&self) -> Vec<crate::host::Callout> {
+        self.pending_callouts()
+    }
+    fn answer_call(&mut self, token: u32, answer: CallAnswer) -> Result<()> {
+        self.answer(token, answer)
+    }
+}
+
+impl Callouts for Plugin {
+    fn pending(&self) -> Vec<crate::host::Callout> {
+        self.pending_callouts()
+    }
+    fn answer_call(&mut self, token: u32, answer: CallAnswer) -> Result<()> {
+        self.answer(token, answer)
+    }
+}
+
+/// Answers the pending callouts from the script, in order.
+fn play_callouts(on: &mut impl Callouts, script: &[ScriptedCallout], made: &mut usize, at: &str, diffs: &mut Vec<String>) -> Result<()> {
+    while let Some(callout) = on.pending().into_iter().next() {
         *made += 1;
         let n = *made;
-        let Some(script) = case.callouts.get(n - 1) else {
-            diffs.push(format!("unexpected callout #{n} to {} {}", callout.upstream, callout.path()));
-            stream.answer(callout.token, CallAnswer::Failed)?;
+        let Some(script) = script.get(n - 1) else {
+            diffs.push(format!("{at}unexpected callout #{n} to {} {}", callout.upstream, callout.path()));
+            on.answer_call(callout.token, CallAnswer::Failed)?;
             continue;
         };
         if let Some(e) = &script.expect {
-            let at = format!("callout #{n}");
+            let at = format!("{at}callout #{n}");
             if let Some(p) = &e.path {
                 if *p != callout.path() {
                     diffs.push(format!("{at} path: expected {p:?}, got {:?}", callout.path()));
@@ -327,13 +429,14 @@ fn play_callouts(stream: &mut crate::plugin::HttpStream<'_>, case: &Case, made: 
                 }
             }
         }
-        stream.answer(callout.token, answer_of(&script.respond)?)?;
+        on.answer_call(callout.token, answer_of(&script.respond)?)?;
     }
     Ok(())
 }
 
 /// Runs one case on a fresh plugin instance.
 pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> Result<CaseResult> {
+    let steps = case.steps()?;
     let clock = case.clock.or(loaded.file.clock).unwrap_or(DEFAULT_CLOCK);
     let mut opts = PluginOptions::new(loaded.config.to_string()).clock_secs(clock);
     for (k, v) in &loaded.file.env {
@@ -341,8 +444,59 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
     }
     let mut plugin = Plugin::start(wasm, opts).map_err(|e| anyhow!("{e}"))?;
     let mut diffs = Vec::new();
+    let many = steps.len() > 1 || !case.steps.is_empty();
+    for (i, step) in steps.iter().enumerate() {
+        // Diffs of a multi-step case name their step.
+        let at = if many { format!("step {}: ", i + 1) } else { String::new() };
+        plugin.advance(std::time::Duration::from_millis(step.advance_ms));
+        let mut step_diffs = Vec::new();
+        let mut made = 0usize;
+        match step.request {
+            None => {
+                plugin.tick()?;
+                play_callouts(&mut plugin, step.callouts, &mut made, "", &mut step_diffs)?;
+            }
+            Some((request, expect)) => {
+                let id = if many { format!("case-{index}-{}", i + 1) } else { format!("case-{index}") };
+                let now = i64::try_from(plugin.now_nanos() / 1_000_000_000).unwrap_or(clock);
+                run_request(&mut plugin, loaded, &id, now, request, expect, step, &mut made, &mut step_diffs)?;
+            }
+        }
+        if made < step.callouts.len() {
+            step_diffs.push(format!("expected {} callouts, the filter made {made}", step.callouts.len()));
+        }
+        for (name, want) in step.metrics {
+            let got = plugin.metric(name).map_or(Value::Null, |m| Value::from(m.value));
+            if got != *want {
+                step_diffs.push(format!("metric {name}: expected {want}, got {got}"));
+            }
+        }
+        diffs.extend(step_diffs.into_iter().map(|d| format!("{at}{d}")));
+        if plugin.crashed().is_some() {
+            break;
+        }
+    }
+    if let Some(c) = plugin.crashed() {
+        diffs.push(format!("the filter crashed: {c}"));
+    }
+    let logs = plugin.logs().iter().map(|l| format!("[{:?}] {}", l.level, l.message)).collect();
+    Ok(CaseResult { name: case.name.clone(), diffs, logs })
+}
 
-    let r = &case.request;
+/// One request step: the request, its callouts, the upstream's answer, the
+/// expectations.
+#[allow(clippy::too_many_arguments)]
+fn run_request(
+    plugin: &mut Plugin,
+    loaded: &LoadedFile,
+    default_id: &str,
+    now: i64,
+    r: &CaseRequest,
+    e: &Expect,
+    step: &StepView<'_>,
+    made: &mut usize,
+    diffs: &mut Vec<String>,
+) -> Result<()> {
     let mut headers: Vec<(String, Vec<u8>)> = vec![
         (":method".into(), r.method.clone().into_bytes()),
         (":path".into(), r.path.clone().into_bytes()),
@@ -356,48 +510,43 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
         }
     }
     if !headers.iter().any(|(k, _)| k == "x-request-id") {
-        headers.push(("x-request-id".into(), format!("case-{index}").into_bytes()));
+        headers.push(("x-request-id".into(), default_id.as_bytes().to_vec()));
     }
     if let Some(claims) = &r.privy {
         if headers.iter().any(|(k, _)| k == "authorization") {
-            bail!("case {:?}: give `privy` or an authorization header, not both", case.name);
+            bail!("give `privy` or an authorization header, not both");
         }
-        headers.push(("authorization".into(), format!("Bearer {}", mint_privy(loaded, claims, clock)?).into_bytes()));
+        headers.push(("authorization".into(), format!("Bearer {}", mint_privy(loaded, claims, now)?).into_bytes()));
     }
     let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
 
     let mut stream = plugin.http()?;
     stream.send_request_headers(&raw, true)?;
-    let mut made = 0usize;
-    play_callouts(&mut stream, case, &mut made, &mut diffs)?;
-    if let (Some(up), Outcome::Passed(_)) = (&case.upstream_response, stream.outcome()) {
+    play_callouts(&mut stream, step.callouts, made, "", diffs)?;
+    if let (Some(up), Outcome::Passed(_)) = (step.upstream_response, stream.outcome()) {
         let status = up.status.to_string();
         let mut h: Vec<(String, String)> = vec![(":status".into(), status)];
         h.extend(up.headers.iter().map(|(k, v)| (k.clone(), text(v))));
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let action = stream.send_response_headers(&h)?;
-        play_callouts(&mut stream, case, &mut made, &mut diffs)?;
+        play_callouts(&mut stream, step.callouts, made, "", diffs)?;
         if action == crate::abi::Action::Pause && !stream.response_resumed() && stream.local_reply().is_none() {
             diffs.push("the filter left the upstream's response paused".into());
         }
     }
-    if made < case.callouts.len() {
-        diffs.push(format!("expected {} callouts, the filter made {made}", case.callouts.len()));
-    }
-    if let Some(n) = case.expect.callouts {
-        if n != made {
+    if let Some(n) = e.callouts {
+        if n != *made {
             diffs.push(format!("callouts: expected {n}, got {made}"));
         }
     }
-    let e = &case.expect;
     match stream.outcome() {
         Outcome::Paused => diffs.push("the filter left the request paused".into()),
         Outcome::Passed(upstream) => {
             if e.status != 200 {
                 diffs.push(format!("status: expected {} (a local reply), but the request was passed upstream", e.status));
             }
-            header_checks(&e.upstream_headers, &upstream, "upstream header", &mut diffs);
-            header_checks(&e.response_headers, &stream.response_headers(), "response header", &mut diffs);
+            header_checks(&e.upstream_headers, &upstream, "upstream header", diffs);
+            header_checks(&e.response_headers, &stream.response_headers(), "response header", diffs);
             if e.body.is_some() || e.body_exact.is_some() || !e.headers.is_empty() {
                 diffs.push("body/headers expected, but the request was passed upstream (no local reply)".into());
             }
@@ -408,25 +557,21 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
             }
             if let Some(b) = &e.body {
                 let got: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-                subset(b, &got, "body", &mut diffs);
+                subset(b, &got, "body", diffs);
             }
             if let Some(x) = &e.body_exact {
                 if *x != reply.body_str() {
                     diffs.push(format!("body: expected exactly {x}, got {}", reply.body_str()));
                 }
             }
-            header_checks(&e.headers, &reply.headers, "reply header", &mut diffs);
+            header_checks(&e.headers, &reply.headers, "reply header", diffs);
             if !e.upstream_headers.is_empty() {
                 diffs.push("upstream headers expected, but the filter replied locally".into());
             }
         }
     }
     stream.close()?;
-    if let Some(c) = plugin.crashed() {
-        diffs.push(format!("the filter crashed: {c}"));
-    }
-    let logs = plugin.logs().iter().map(|l| format!("[{:?}] {}", l.level, l.message)).collect();
-    Ok(CaseResult { name: case.name.clone(), diffs, logs })
+    Ok(())
 }
 
 /// Runs every case of a file. A case that cannot run at all is a failure.

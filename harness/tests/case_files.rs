@@ -53,6 +53,19 @@ cases:
   - name: unexpected callout and upstream header
     request: {{ method: POST, path: /api/v1/sms/send, headers: {{ authorization: "Bearer {key}" }} }}
     expect: {{ status: 200, upstream_headers: {{ x-dialtone-account: someone }} }}
+  - name: steps, a wrong counter and a tick that calls nobody
+    steps:
+      - request: {{ path: /healthz }}
+        expect: {{ status: 200 }}
+        metrics: {{ dialtone.lease.granted: 1 }}
+      - tick: true
+        advance_ms: 200
+        callouts:
+          - respond: {{ status: 200, body: {{}} }}
+  - name: a step that is both a tick and a request
+    steps:
+      - tick: true
+        expect: {{ status: 200 }}
 "#,
         config = config,
         key = common::API_KEY,
@@ -68,5 +81,8 @@ cases:
     assert!(diffs[1].contains("body.error: expected \"forbidden\", got \"unauthorized\""), "{}", diffs[1]);
     assert!(diffs[1].contains("expected 2 callouts, the filter made 1"), "{}", diffs[1]);
     assert!(diffs[2].contains("unexpected callout #1"), "{}", diffs[2]);
+    assert!(diffs[3].contains("step 1: metric dialtone.lease.granted: expected 1, got 0"), "{}", diffs[3]);
+    assert!(diffs[3].contains("step 2: expected 1 callouts, the filter made 0"), "{}", diffs[3]);
+    assert!(diffs[4].contains("could not run") && diffs[4].contains("step 1: a step is `tick: true`"), "{}", diffs[4]);
     let _ = std::fs::remove_dir_all(&dir);
 }
