@@ -35,6 +35,9 @@ pub struct CaseFile {
 /// A case: one request on a fresh plugin (`request`, `callouts`,
 /// `upstream_response`, `expect`), or `steps` played in order on one plugin
 /// (requests and root-context ticks: what leases and caches do over time).
+/// The single-request fields repeat [`Step`]'s rather than flatten one in:
+/// serde cannot flatten under `deny_unknown_fields`, and a misspelt field
+/// in a case file must be an error. Both are read through [`StepView`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
