@@ -447,7 +447,7 @@ pub fn run_case(wasm: &Wasm, loaded: &LoadedFile, index: usize, case: &Case) -> 
     }
     let mut plugin = Plugin::start(wasm, opts).map_err(|e| anyhow!("{e}"))?;
     let mut diffs = Vec::new();
-    let many = steps.len() > 1 || !case.steps.is_empty();
+    let many = !case.steps.is_empty();
     for (i, step) in steps.iter().enumerate() {
         // Diffs of a multi-step case name their step.
         let at = if many { format!("step {}: ", i + 1) } else { String::new() };

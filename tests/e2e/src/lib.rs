@@ -215,6 +215,25 @@ fn send_request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])], 
     s
 }
 
+/// `n` requests sent at once, one thread each, spread over `ports` in
+/// turn: `POST path` with `Bearer key` and a `{}` body. Their (status, body).
+pub fn concurrent_posts(ports: &[u16], path: &str, key: &str, n: usize) -> Vec<(u16, String)> {
+    let auth = bearer(key);
+    std::thread::scope(|scope| {
+        let sent: Vec<_> = (0..n)
+            .filter_map(|i| ports.get(i % ports.len().max(1)).copied())
+            .map(|port| {
+                let auth = auth.as_str();
+                scope.spawn(move || {
+                    let r = raw_request_complete(port, "POST", path, &[("authorization", auth.as_bytes())], Some(b"{}"));
+                    (r.status, r.body)
+                })
+            })
+            .collect();
+        sent.into_iter().map(|h| h.join().unwrap_or((0, "the sending thread panicked".into()))).collect()
+    })
+}
+
 /// Like [`raw_request`], but stops reading once the response is complete (its
 /// `content-length` is in) instead of waiting for the server to close: after
 /// a local reply to a `connection: close` request Envoy holds the connection

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dialtone_e2e::{bearer, devstack, key_cache_ttl, raw_request_complete, wait_for, Conn, EnvoyStats, Resp, TestStack, CACHE_CLOCK_SLACK};
+use dialtone_e2e::{bearer, concurrent_posts, devstack, key_cache_ttl, raw_request_complete, wait_for, Conn, EnvoyStats, Resp, TestStack, CACHE_CLOCK_SLACK};
 use serde_json::{json, Value};
 
 const PAID: &str = "/echo/paid/work";
@@ -99,22 +99,7 @@ fn concurrent_paid_requests_never_overdraw() {
     let second = t.stack.add_envoy().unwrap();
     t.stack.create_account("did:privy:crowd", B).unwrap();
     let key = t.stack.create_key("did:privy:crowd", &["sms:send"], &[]).unwrap();
-    let ports = [t.stack.opts.ports.listen, second];
-    let results = Arc::new(Mutex::new(Vec::new()));
-    let threads: Vec<_> = (0..N)
-        .map(|i| {
-            let (key, results) = (key.clone(), results.clone());
-            let port = ports[i % 2];
-            std::thread::spawn(move || {
-                let r = send_paid(port, &key, &[]);
-                results.lock().unwrap().push((r.status, r.body));
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
-    let results = results.lock().unwrap();
+    let results = concurrent_posts(&[t.stack.opts.ports.listen, second], PAID, &key, N);
     let ok = results.iter().filter(|(s, _)| *s == 200).count();
     let broke = results.iter().filter(|(s, b)| *s == 402 && b == BROKE_BODY).count();
     let other: Vec<_> = results.iter().filter(|(s, b)| *s != 200 && !(*s == 402 && b == BROKE_BODY)).collect();

@@ -6,10 +6,9 @@
 //! exact behaviour (N = 200 on B = 50) holds with leasing configured.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dialtone_e2e::{bearer, devstack, raw_request_complete, wait_for, Resp, TestStack};
+use dialtone_e2e::{bearer, concurrent_posts, devstack, raw_request_complete, wait_for, Resp, TestStack};
 use serde_json::{json, Value};
 
 const PAID: &str = "/echo/paid/work";
@@ -193,22 +192,7 @@ fn near_an_empty_balance_no_lease_exists_and_exactly_the_balance_is_served() {
     let second = t.stack.add_envoy().unwrap();
     t.stack.create_account("did:privy:crowd", B).unwrap();
     let key = t.stack.create_key("did:privy:crowd", &["sms:send"], &[]).unwrap();
-    let ports = [t.stack.opts.ports.listen, second];
-    let results = Arc::new(Mutex::new(Vec::new()));
-    let threads: Vec<_> = (0..N)
-        .map(|i| {
-            let (key, results) = (key.clone(), results.clone());
-            let port = ports[i % 2];
-            std::thread::spawn(move || {
-                let r = send_paid(port, &key);
-                results.lock().unwrap().push((r.status, r.body));
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
-    let results = results.lock().unwrap();
+    let results = concurrent_posts(&[t.stack.opts.ports.listen, second], PAID, &key, N);
     let ok = results.iter().filter(|(s, _)| *s == 200).count();
     let broke = results.iter().filter(|(s, b)| *s == 402 && b == BROKE_BODY).count();
     assert_eq!((ok, broke), (B as usize, N - B as usize));
