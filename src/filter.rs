@@ -35,6 +35,7 @@ proxy_wasm::main! {{
         Box::new(Root {
             context_id,
             lease_calls: Vec::new(),
+            lease_policy: None,
             config: None,
             metrics: Rc::new(Metrics::default()),
             jwks: Rc::new(RefCell::new(JwksCache::default())),
@@ -50,6 +51,9 @@ struct Root {
     context_id: u32,
     /// Lease calls in flight (token → what it is about).
     lease_calls: Vec<(u32, LeaseCallKind)>,
+    /// The last policy with leasing on: kept when a reload turns leasing
+    /// off, so the leases this VM still holds are reported and returned.
+    lease_policy: Option<Rc<Config>>,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
     jwks: Rc<RefCell<JwksCache>>,
@@ -105,7 +109,8 @@ impl Root {
     /// Sends the lease requests and reports that are due (from the tick).
     fn lease_round(&mut self) {
         let Some(cfg) = self.config.clone() else { return };
-        let Some(lease_cfg) = cfg.service.lease.as_ref() else { return };
+        let Some(policy) = self.lease_policy.clone() else { return };
+        let Some(lease_cfg) = policy.service.lease.as_ref() else { return };
         let now_ms = unix_millis(self.get_current_time());
         let calls = self.caches.borrow_mut().leases.due(lease_cfg, now_ms);
         for call in calls {
@@ -277,15 +282,14 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(i) = self.lease_calls.iter().position(|(t, _)| *t == token_id) {
             let (_, kind) = self.lease_calls.swap_remove(i);
-            if let Some(cfg) = self.config.clone() {
-                if let Some(lease_cfg) = cfg.service.lease.as_ref() {
-                    let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);
-                    let now_ms = unix_millis(self.get_current_time());
-                    if self.lease_answered(lease_cfg, kind, outcome, now_ms) {
-                        self.lease_round();
-                    }
-                    self.count_lease_stats();
+            if let (Some(cfg), Some(policy)) = (self.config.clone(), self.lease_policy.clone()) {
+                let Some(lease_cfg) = policy.service.lease.as_ref() else { return };
+                let outcome = read_outcome(self, num_headers, body_size, cfg.service.max_response_bytes);
+                let now_ms = unix_millis(self.get_current_time());
+                if self.lease_answered(lease_cfg, kind, outcome, now_ms) {
+                    self.lease_round();
                 }
+                self.count_lease_stats();
             }
             return;
         }
@@ -368,7 +372,11 @@ impl RootContext for Root {
                 self.slot_key = slot_key.map(Rc::new);
                 self.service_key = service_key.map(Rc::from);
                 let lease_ms = cfg.service.lease.as_ref().map(|l| l.report_ms.min(1000));
-                self.config = Some(Rc::new(cfg));
+                let cfg = Rc::new(cfg);
+                if lease_ms.is_some() {
+                    self.lease_policy = Some(cfg.clone());
+                }
+                self.config = Some(cfg);
                 match (fetches, lease_ms) {
                     (_, Some(ms)) => self.set_tick_period(Duration::from_millis(ms)),
                     (true, None) => self.set_tick_period(Duration::from_secs(1)),

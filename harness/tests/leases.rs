@@ -176,3 +176,28 @@ fn a_lease_stops_before_it_expires_and_a_declined_one_costs_nothing() {
     assert_eq!(made[0].path(), "/v1/holds");
     assert!(p.crashed().is_none() && q.crashed().is_none());
 }
+
+#[test]
+fn a_reload_that_turns_leasing_off_still_reports_and_returns_the_lease() {
+    let mut p = leasing();
+    with_lease(&mut p);
+    sms(&mut p, "req-2", "200", vec![]);
+    let mut cfg = demo_config();
+    cfg["credits_service"]["key_cache_ttl_ms"] = json!(1000);
+    assert!(p.reconfigure(cfg.to_string()).unwrap());
+    // Leasing is off: the next request is held the usual way.
+    let made = sms(&mut p, "req-3", "200", vec![key_record(&["sms:send"], "active", 90), held("hold_0003", 1, 89), settled("hold_0003", "captured")]);
+    assert_eq!(made[1].path(), "/v1/holds");
+    // The lease, idle from now on, is reported with req-2 and given back.
+    p.advance(Duration::from_millis(200));
+    p.tick().unwrap();
+    let beat = p.pending_callouts().into_iter().find(|c| c.path().ends_with("/report")).expect("req-2 reported");
+    assert_eq!((spend_keys(&beat.body_json()), beat.body_json()["final"].clone()), (vec!["sms_send:req-2".to_owned()], json!(false)));
+    p.answer(beat.token, report_answer("open", false)).unwrap();
+    p.advance(Duration::from_millis(2_000));
+    p.tick().unwrap();
+    let ret = p.pending_callouts().into_iter().find(|c| c.path().ends_with("/report")).expect("the return");
+    assert_eq!(ret.body_json()["final"], json!(true));
+    p.answer(ret.token, report_answer("closed", false)).unwrap();
+    assert!(p.crashed().is_none());
+}
