@@ -126,7 +126,9 @@ fn concurrent_writes_share_one_commit_and_a_failing_job_fails_alone() {
             WriterStats {
                 commits: 2,
                 failed_batches: 0,
-                jobs: 100
+                jobs: 100,
+                // The 98 debits queued together ran as one statement group.
+                fused: 98
             }
         );
         handle.close().await;
@@ -199,7 +201,8 @@ fn a_batch_whose_commit_fails_applies_nothing_and_fails_every_job() {
             WriterStats {
                 commits: 1,
                 failed_batches: 1,
-                jobs: 4
+                jobs: 4,
+                fused: 0
             }
         );
         // Nothing of the batch was applied; the debit can be retried.
@@ -491,6 +494,94 @@ fn pg_fused_debits_answer_as_one_by_one() {
     let mut store = backend.open();
     let view = store.account_summary("acct", T0).unwrap().unwrap();
     assert_eq!((view.balance, view.held), (0, 0));
+    ledger_fingerprint(&mut store);
+}
+
+/// SQLite's writer runs a batch's consecutive debits of one account fused
+/// (`rules::debit_many`), and each still gets the answer it would get run
+/// alone after the ones before it; a debit of another account or a
+/// rate-limited one ends the run and runs alone.
+#[test]
+fn sqlite_fused_debits_answer_as_one_by_one() {
+    let db = TempDb::new();
+    {
+        let mut store = db.open();
+        store.create_account("acct", 10, T0).unwrap();
+        store.create_account("other", 5, T0).unwrap();
+    }
+    let charge = |account: &str, key: &str, amount: i64| {
+        let mut d = debit(key);
+        d.req.account = account.into();
+        d.req.amount = amount;
+        d
+    };
+    let rt = runtime();
+    let answers = rt.block_on(async {
+        let handle = open(&db).await;
+        let stored = handle.write(charge("acct", "old", 1)).await.unwrap();
+        assert!(matches!(stored, DebitOutcome::Charged { balance: 9, .. }), "{stored:?}");
+        let before = handle.sqlite_writer_stats().unwrap();
+        let blocker = lock_writes(&db);
+        let h = handle.clone();
+        let first = tokio::spawn(async move { h.write(charge("acct", "first", 1)).await });
+        eventually(Duration::from_secs(30), "the writer to take the first job", || {
+            handle.sqlite_writer_stats().unwrap().jobs == before.jobs + 1
+        });
+        let queue = [
+            ("acct", "a", 3),
+            ("acct", "old", 1),
+            ("acct", "old", 2),
+            ("acct", "b", 3),
+            ("acct", "a", 3),
+            ("other", "o", 2), // another account: ends the run, runs alone
+            ("acct", "c", 3),
+            ("acct", "d", 2),
+            ("acct", "e", 1),
+        ];
+        let mut jobs = Vec::new();
+        for (n, (account, key, amount)) in queue.into_iter().enumerate() {
+            let h = handle.clone();
+            let d = charge(account, key, amount);
+            jobs.push(tokio::spawn(async move { h.write(d).await }));
+            // One at a time, so the batch keeps this order.
+            eventually(Duration::from_secs(30), "the debit to queue", || handle.sqlite_queued() == Some(n + 1));
+        }
+        blocker.execute_batch("COMMIT").unwrap();
+        let mut answers = vec![first.await.unwrap().unwrap()];
+        for j in jobs {
+            answers.push(j.await.unwrap().unwrap());
+        }
+        let stats = handle.sqlite_writer_stats().unwrap();
+        assert_eq!((stats.commits, stats.failed_batches), (before.commits + 2, 0), "one batch after the first job");
+        assert_eq!(stats.fused, before.fused + 8, "two runs of fused debits (5 and 3); the other account's alone");
+        handle.close().await;
+        answers
+    });
+    let charged = |account: &str, balance: i64, charged: i64, replayed: bool| DebitOutcome::Charged {
+        account: account.into(),
+        charged,
+        balance,
+        replayed,
+    };
+    assert_eq!(
+        answers,
+        vec![
+            charged("acct", 8, 1, false),                           // first, alone
+            charged("acct", 5, 3, false),                           // a
+            charged("acct", 9, 1, true),                            // old: stored before
+            DebitOutcome::Conflict,                                 // old, another amount
+            charged("acct", 2, 3, false),                           // b
+            charged("acct", 5, 3, true),                            // a again: this batch's charge
+            charged("other", 3, 2, false),                          // o, alone
+            DebitOutcome::Insufficient { balance: 2, required: 3 }, // c
+            charged("acct", 0, 2, false),                           // d: the last credits
+            DebitOutcome::Insufficient { balance: 0, required: 1 }, // e
+        ]
+    );
+    let mut store = db.open();
+    let view = store.account_summary("acct", T0).unwrap().unwrap();
+    assert_eq!((view.balance, view.held), (0, 0));
+    assert_eq!(store.balance("other").unwrap(), Some(3));
     ledger_fingerprint(&mut store);
 }
 

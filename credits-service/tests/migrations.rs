@@ -173,3 +173,41 @@ fn a_postgres_database_from_the_previous_release_is_adopted() {
     assert_eq!(store.balance("old").unwrap(), Some(6));
     ledger_fingerprint(&mut store);
 }
+
+/// v5 dropped `ledger_key` and made `ledger_hold` partial (a debit writes
+/// neither): every ledger lookup by idempotency key or hold id that the
+/// rules and `check` make still finds its rows through an index, never by
+/// reading the whole ledger.
+#[test]
+fn ledger_lookups_by_key_and_hold_use_an_index_after_v5() {
+    let db = TempDb::new();
+    db.open().create_account("acct", 10, T0).unwrap();
+    let conn = rusqlite::Connection::open(&db.path).unwrap();
+    let indexes: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!indexes.iter().any(|n| n == "ledger_key"), "{indexes:?}");
+    for sql in [
+        "SELECT COUNT(*) FROM ledger WHERE kind = 'refund' AND idempotency_key = 'k' AND COALESCE(hold_id, '') = ''",
+        "SELECT 1 FROM ledger l WHERE l.kind = 'debit' AND l.idempotency_key = 'k'",
+        "SELECT idempotency_key FROM ledger WHERE kind = 'lease_spend' AND idempotency_key IN ('a', 'b')",
+        "SELECT COUNT(*) FROM ledger l WHERE l.hold_id = 'h' AND l.kind = 'capture'",
+        "SELECT SUM(l.amount) FROM ledger l WHERE l.hold_id = 'h' AND l.kind = 'lease_spend' AND l.account = 'acct'",
+    ] {
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().all(|step| !step.starts_with("SCAN")) && plan.iter().any(|step| step.starts_with("SEARCH") && step.contains("INDEX ledger_")),
+            "{sql}: {plan:?}"
+        );
+    }
+}

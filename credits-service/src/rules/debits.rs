@@ -199,7 +199,7 @@ pub async fn debit_many<S: Sql>(
     }
     sql.push(')');
     let mut stored: HashMap<String, (String, i64, i64)> = HashMap::new();
-    for row in tx.rows(&sql, &keys).await? {
+    for row in tx.rows_planned_now(&sql, &keys).await? {
         stored.insert(row.text(0)?, (row.text(1)?, row.i64(2)?, row.i64(3)?));
     }
     let mut balance = cur.map(|c| c.balance);
