@@ -66,7 +66,7 @@ start)
         touch "$log"
         [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$log"
         as_postgres "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 \
-            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=${PG_FSYNC:-off}" start >&2 \
+            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=${PG_FSYNC:-off} ${PG_OPTS:-}" start >&2 \
             || { tail -n 30 "$log" >&2; exit 1; }
     fi
     if ! as_postgres "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc \

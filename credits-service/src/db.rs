@@ -152,20 +152,6 @@ pub trait Sql: Send {
     /// Run a query and return every row.
     fn rows(&mut self, sql: &str, params: &[Val]) -> impl Future<Output = Result<Vec<Row>>> + Send;
 
-    /// Run a query whose text is built for this call (a list of N keys) and
-    /// return every row. PostgreSQL plans it for these values each time
-    /// instead of caching one plan per list length: a plan cached while a
-    /// table was small (a sequential scan) would otherwise be kept as the
-    /// table grows, and did (measured: a fresh database's debit lookups
-    /// scanning the whole `debits` table until autovacuum's first ANALYZE).
-    fn rows_planned_now(
-        &mut self,
-        sql: &str,
-        params: &[Val],
-    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
-        self.rows(sql, params)
-    }
-
     /// The first row, if any.
     fn row(
         &mut self,
@@ -472,13 +458,6 @@ impl Sql for PgConn<'_> {
         rows.iter().map(pg_row).collect()
     }
 
-    // The unnamed statement: planned at bind time with these values, and
-    // not kept in the connection's statement cache.
-    async fn rows_planned_now(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
-        let q = bind_vals!(sqlx::query(sql).persistent(false), params);
-        let rows = q.fetch_all(&mut *self.conn).await?;
-        rows.iter().map(pg_row).collect()
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::ledger::{apply, apply_all, Entry, Kind};
+use super::ledger::{apply, apply_all_after, Entry, Kind};
 use super::limits::rate_take;
 use super::lock_and_expire;
 use crate::db::Sql;
@@ -199,7 +199,7 @@ pub async fn debit_many<S: Sql>(
     }
     sql.push(')');
     let mut stored: HashMap<String, (String, i64, i64)> = HashMap::new();
-    for row in tx.rows_planned_now(&sql, &keys).await? {
+    for row in tx.rows(&sql, &keys).await? {
         stored.insert(row.text(0)?, (row.text(1)?, row.i64(2)?, row.i64(3)?));
     }
     let mut balance = cur.map(|c| c.balance);
@@ -238,19 +238,23 @@ pub async fn debit_many<S: Sql>(
     let (Some(cur), false) = (cur, new_rows.is_empty()) else {
         return Ok(out);
     };
-    let mut sql = String::from(
-        "INSERT INTO debits (idempotency_key, account, amount, balance_after, route, key_prefix, created_at) VALUES ",
-    );
-    let mut values = Vec::with_capacity(new_rows.len() * 7);
-    for (n, (r, after, now)) in new_rows.iter().enumerate() {
-        let b = n * 7;
-        if n > 0 {
-            sql.push_str(", ");
+    // The debits' own rows, written with their ledger rows and the balance
+    // (one round trip on PostgreSQL).
+    let insert = |base: usize| {
+        let mut sql = String::from(
+            "INSERT INTO debits (idempotency_key, account, amount, balance_after, route, key_prefix, created_at) VALUES ",
+        );
+        let mut values = Vec::with_capacity(new_rows.len() * 7);
+        for (n, (r, after, now)) in new_rows.iter().enumerate() {
+            let b = base + n * 7;
+            if n > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+            values.extend(vals![&r.idempotency_key, &r.account, r.amount, *after, &r.route, &r.key_prefix, *now]);
         }
-        sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
-        values.extend(vals![&r.idempotency_key, &r.account, r.amount, *after, &r.route, &r.key_prefix, *now]);
-    }
-    tx.exec(&sql, &values).await?;
+        (sql, values)
+    };
     let entries: Vec<Entry<'_>> = new_rows
         .iter()
         .map(|(r, _, now)| Entry {
@@ -260,7 +264,7 @@ pub async fn debit_many<S: Sql>(
             ..Entry::new(&r.account, Kind::Debit, r.amount, *now)
         })
         .collect();
-    apply_all(tx, cur, &entries).await?;
+    apply_all_after(tx, cur, &entries, Some(&insert)).await?;
     Ok(out)
 }
 

@@ -355,7 +355,7 @@ pub async fn report_lease<S: Sql>(
             keys.push(Val::from(s.idempotency_key.as_str()));
         }
         sql.push(')');
-        for row in tx.rows_planned_now(&sql, &keys).await? {
+        for row in tx.rows(&sql, &keys).await? {
             stored.insert(row.text(0)?, (row.opt_text(1)?, row.i64(2)?));
         }
     }

@@ -1,7 +1,7 @@
 //! The ledger: the kinds of balance change, applying and recording one, the
 //! ledger reads, and the consistency check over accounts, holds and debits.
 
-use crate::db::{Dialect, Sql};
+use crate::db::{Dialect, Sql, Val};
 use crate::store::{
     ledger_from_row, AccountSummary, CheckReport, LedgerEntry, Result, StoreError, LEDGER_COLUMNS,
     MAX_LEDGER_LIMIT,
@@ -161,6 +161,24 @@ pub(super) async fn apply_all<S: Sql>(
     cur: AccountSummary,
     entries: &[Entry<'_>],
 ) -> Result<AccountSummary> {
+    apply_all_after(tx, cur, entries, None).await
+}
+
+/// A statement to run just before [`apply_all`]'s, in the same round trip
+/// on PostgreSQL: given the number of parameters before its own, its text
+/// (numbering its parameters from there) and their values.
+pub(super) type Before<'f> = &'f (dyn Fn(usize) -> (String, Vec<Val>) + Sync);
+
+/// [`apply_all`], with `before` run first: on PostgreSQL as a
+/// data-modifying CTE of the same statement (one round trip inside the
+/// account's row lock instead of two; it runs even though nothing reads
+/// it), on SQLite as a statement of its own.
+pub(super) async fn apply_all_after<S: Sql>(
+    tx: &mut S,
+    cur: AccountSummary,
+    entries: &[Entry<'_>],
+    before: Option<Before<'_>>,
+) -> Result<AccountSummary> {
     let Some(first) = entries.first() else {
         return Ok(cur);
     };
@@ -212,14 +230,26 @@ pub(super) async fn apply_all<S: Sql>(
     const COLUMNS: &str = "kind, delta_available, delta_held, amount, hold_id, idempotency_key, route, key_prefix, note, created_at";
     match tx.dialect() {
         Dialect::Postgres => {
+            let pre = match before {
+                Some(f) => {
+                    let (sql, vals) = f(values.len());
+                    values.extend(vals);
+                    format!("pre AS ({sql}), ")
+                }
+                None => String::new(),
+            };
             let sql = format!(
-                "WITH changed AS (UPDATE accounts SET balance = $2, held = $3 WHERE id = $1 RETURNING id) \
+                "WITH {pre}changed AS (UPDATE accounts SET balance = $2, held = $3 WHERE id = $1 RETURNING id) \
                  INSERT INTO ledger (account, {COLUMNS}) SELECT changed.id, v.* FROM changed \
                  CROSS JOIN (VALUES {rows}) AS v({COLUMNS})"
             );
             tx.exec(&sql, &values).await?;
         }
         Dialect::Sqlite => {
+            if let Some(f) = before {
+                let (sql, vals) = f(0);
+                tx.exec(&sql, &vals).await?;
+            }
             tx.exec("UPDATE accounts SET balance = $2, held = $3 WHERE id = $1", &values[..3]).await?;
             let rows = rows.replace('(', "($1, ");
             let sql = format!("INSERT INTO ledger (account, {COLUMNS}) VALUES {rows}");
